@@ -1,0 +1,233 @@
+# Travels to the Hub with every checkpoint: imports only the standard library, torch and transformers.
+"""DMIL configuration: one sub-config per modality tower plus the decomposition head and its losses."""
+
+from __future__ import annotations
+
+import keyword
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+TOWER_MODALITIES = ("text", "vision", "audio")
+# The main input each tower kind may have; a config whose model does not take one of these is refused.
+TOWER_INPUTS = {
+    "text": ("input_ids",),
+    "vision": ("pixel_values",),
+    "audio": ("input_values", "input_features"),
+}
+RESERVED_NAMES = frozenset(TOWER_MODALITIES) | {"labels", "modality", "interaction", "image"}
+
+
+def _as_config(value, field: str) -> PretrainedConfig | None:
+    if value is None or isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"`{field}` is a dict without 'model_type'; expected a transformers config dict.")
+        try:
+            return AutoConfig.for_model(model_type, **value)
+        except ValueError as err:
+            raise ValueError(f"`{field}` has model_type {model_type!r}, which transformers does not know.") from err
+    raise TypeError(f"`{field}` must be a PretrainedConfig, a dict or None; got {type(value).__name__}.")
+
+
+def _check_tower_kind(config: PretrainedConfig, modality: str) -> None:
+    """Refuse a sub-config whose AutoModel does not take this modality's main input (e.g. a ViT as text tower)."""
+    if type(config).sub_configs:
+        raise TypeError(
+            f"`{modality}_config` is a composite {type(config).__name__} (with {sorted(type(config).sub_configs)}); "
+            f"pass the config of a single {modality} encoder instead."
+        )
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:
+        raise TypeError(
+            f"`{modality}_config` is a {type(config).__name__}, which AutoModel cannot build; expected an encoder "
+            f"config whose model takes {' or '.join(TOWER_INPUTS[modality])}."
+        ) from None
+    main_input = getattr(model_class, "main_input_name", None)
+    if main_input not in TOWER_INPUTS[modality]:
+        raise TypeError(
+            f"`{modality}_config` is a {type(config).__name__}, whose model takes {main_input!r}; a {modality} tower "
+            f"must take {' or '.join(repr(n) for n in TOWER_INPUTS[modality])}."
+        )
+
+
+def _per_modality(values, modalities, field: str) -> dict[str, float]:
+    """Expand a float, a sequence (in modality order; the last value repeats) or a dict to one weight per modality."""
+    if isinstance(values, (int, float)):
+        return {m: float(values) for m in modalities}
+    if isinstance(values, dict):
+        unknown = set(values) - set(modalities)
+        if unknown:
+            raise ValueError(f"`{field}` names unknown modalities {sorted(unknown)}; modalities are {list(modalities)}.")
+        default = sum(values.values()) / max(len(values), 1)
+        return {m: float(values.get(m, default)) for m in modalities}
+    values = list(values)
+    if not values:
+        raise ValueError(f"`{field}` is empty; expected one weight per modality.")
+    return {m: float(values[min(i, len(values) - 1)]) for i, m in enumerate(modalities)}
+
+
+class DmilConfig(PretrainedConfig):
+    r"""
+    Configuration of a DMIL model: the modality towers, the two-level decomposition head, its loss weights and
+    the three-stage training schedule.
+
+    Args:
+        text_config / vision_config / audio_config (`PretrainedConfig` or `dict`, *optional*):
+            Config of the tower for that modality (any transformers encoder whose model takes `input_ids`,
+            `pixel_values`, or `input_values`/`input_features` respectively). Omit a modality to leave it out.
+        feature_modalities (`dict[str, int]`, *optional*):
+            Precomputed feature-vector modalities, name -> input width (e.g. `{"acoustic": 74}`).
+        num_labels (`int`): number of classes (1 with `problem_type="regression"`).
+        hidden_size (`int`, defaults to 64): width every tower is projected to.
+        latent_size (`int`, defaults to 32): width of every latent (task-relevant/-irrelevant, R, U, S).
+        feature_hidden_size (`int`, defaults to 128): hidden width of the built-in feature towers.
+        gate_hidden_size (`int`, defaults to 64): hidden width of the per-sample gate.
+        tower_pooling (`str`, defaults to `"auto"`): `"auto"` uses `pooler_output` when a tower has one, else
+            the masked mean of `last_hidden_state`; `"mean"` always takes the mean; `"cls"` the first token.
+        dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
+        lamb (`float`, defaults to 0.2): scale of every KL / alignment term.
+        kl_scale (`float`, defaults to 0.1): extra factor inside the model on every KL.
+        level1_kl_weights / level1_reconstruction_weights: per-modality weights of stage 1 (a float, a list in
+            modality order whose last value repeats, or a dict); defaults are the released two-modality values.
+        stage2_reconstruction_weight, stage2_component_weight: stage-2 weights (0.025, 0.5).
+        stage3_unimodal_weight, stage3_level2_scale, stage3_component_weight, stage3_reconstruction_weight:
+            stage-3 weights (0.5, 0.4, 0.8, 0.01).
+        stage1_epochs / stage2_epochs / stage3_epochs, stage1_learning_rate / ...: the schedule presets used by
+            `dmil_hf.training` (AdamW by default, suited to pretrained transformers).
+        training_stage (`int`, defaults to 3): the stage the forward pass computes losses for; stage 1 predicts
+            with the mean of the unimodal heads, stages 2 and 3 with the gated components.
+    """
+
+    model_type = "dmil"
+    # Every tower is optional: a DMIL model uses any two or more of them (plus feature modalities).
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(AutoConfig, model_type="bert", optional=True),
+        "vision_config": SubConfigSpec(AutoConfig, model_type="vit", optional=True),
+        "audio_config": SubConfigSpec(AutoConfig, model_type="wav2vec2", optional=True),
+    }
+    # Trainer drops these from predictions (they are not tensors that can be concatenated across batches).
+    keys_to_ignore_at_inference = [
+        "loss_terms", "component_names", "component_logits", "component_embeds", "modality_embeds",
+        "task_relevant_embeds", "task_irrelevant_embeds", "unimodal_logits", "modality_mask",
+    ]
+
+    def __init__(
+        self,
+        text_config=None,
+        vision_config=None,
+        audio_config=None,
+        feature_modalities: dict[str, int] | None = None,
+        hidden_size: int = 64,
+        latent_size: int = 32,
+        feature_hidden_size: int = 128,
+        gate_hidden_size: int = 64,
+        tower_pooling: str = "auto",
+        dropout: float = 0.1,
+        lamb: float = 0.2,
+        kl_scale: float = 0.1,
+        level1_kl_weights=(0.4, 2.0),
+        level1_reconstruction_weights=(0.01, 0.05),
+        stage2_reconstruction_weight: float = 0.025,
+        stage2_component_weight: float = 0.5,
+        stage3_unimodal_weight: float = 0.5,
+        stage3_level2_scale: float = 0.4,
+        stage3_component_weight: float = 0.8,
+        stage3_reconstruction_weight: float = 0.01,
+        stage1_epochs: float = 10,
+        stage2_epochs: float = 5,
+        stage3_epochs: float = 5,
+        stage1_learning_rate: float = 1e-3,
+        stage2_learning_rate: float = 1e-3,
+        stage3_learning_rate: float = 1e-4,
+        optimizer: str = "adamw_torch",
+        training_stage: int = 3,
+        **kwargs,
+    ):
+        self.text_config = _as_config(text_config, "text_config")
+        self.vision_config = _as_config(vision_config, "vision_config")
+        self.audio_config = _as_config(audio_config, "audio_config")
+        for modality in TOWER_MODALITIES:
+            if getattr(self, f"{modality}_config") is not None:
+                _check_tower_kind(getattr(self, f"{modality}_config"), modality)
+        self.feature_modalities = {str(k): int(v) for k, v in dict(feature_modalities or {}).items()}
+        for name, dim in self.feature_modalities.items():
+            if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED_NAMES:
+                raise ValueError(
+                    f"feature modality name {name!r} must be a Python identifier other than {sorted(RESERVED_NAMES)}."
+                )
+            if dim < 1:
+                raise ValueError(f"feature modality {name!r} has input width {dim}; expected a positive integer.")
+        if tower_pooling not in ("auto", "mean", "cls"):
+            raise ValueError(f"`tower_pooling` is {tower_pooling!r}; expected 'auto', 'mean' or 'cls'.")
+        if training_stage not in (1, 2, 3):
+            raise ValueError(f"`training_stage` is {training_stage!r}; expected 1, 2 or 3.")
+        for field, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
+                             ("feature_hidden_size", feature_hidden_size), ("gate_hidden_size", gate_hidden_size)):
+            if int(value) < 1:
+                raise ValueError(f"`{field}` is {value}; expected a positive integer.")
+        self.hidden_size = int(hidden_size)
+        self.latent_size = int(latent_size)
+        self.feature_hidden_size = int(feature_hidden_size)
+        self.gate_hidden_size = int(gate_hidden_size)
+        self.tower_pooling = tower_pooling
+        self.dropout = float(dropout)
+        self.lamb = float(lamb)
+        self.kl_scale = float(kl_scale)
+        self.level1_kl_weights = level1_kl_weights if isinstance(level1_kl_weights, dict) else list(
+            [level1_kl_weights] if isinstance(level1_kl_weights, (int, float)) else level1_kl_weights)
+        self.level1_reconstruction_weights = (
+            level1_reconstruction_weights if isinstance(level1_reconstruction_weights, dict) else list(
+                [level1_reconstruction_weights] if isinstance(level1_reconstruction_weights, (int, float))
+                else level1_reconstruction_weights))
+        self.stage2_reconstruction_weight = float(stage2_reconstruction_weight)
+        self.stage2_component_weight = float(stage2_component_weight)
+        self.stage3_unimodal_weight = float(stage3_unimodal_weight)
+        self.stage3_level2_scale = float(stage3_level2_scale)
+        self.stage3_component_weight = float(stage3_component_weight)
+        self.stage3_reconstruction_weight = float(stage3_reconstruction_weight)
+        self.stage1_epochs = stage1_epochs
+        self.stage2_epochs = stage2_epochs
+        self.stage3_epochs = stage3_epochs
+        self.stage1_learning_rate = stage1_learning_rate
+        self.stage2_learning_rate = stage2_learning_rate
+        self.stage3_learning_rate = stage3_learning_rate
+        self.optimizer = optimizer
+        self.training_stage = int(training_stage)
+        super().__init__(**kwargs)
+        if len(self.modalities) < 2:
+            raise ValueError(
+                f"DMIL needs at least two modalities; got {list(self.modalities) or 'none'}. Give two or more of "
+                "text_config, vision_config, audio_config and feature_modalities."
+            )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modality names in canonical order: text, vision, audio, then the feature modalities sorted by name
+        (sorted because the saved JSON sorts its keys: the order must survive a save/load round trip)."""
+        towers = tuple(m for m in TOWER_MODALITIES if getattr(self, f"{m}_config", None) is not None)
+        return towers + tuple(sorted(self.feature_modalities))
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """Names of the decomposed components, in the order of `component_logits` and `interaction_weights`."""
+        return ("redundancy",) + tuple(f"unique_{m}" for m in self.modalities) + ("synergy",)
+
+    def tower_config(self, modality: str) -> PretrainedConfig | None:
+        return getattr(self, f"{modality}_config", None) if modality in TOWER_MODALITIES else None
+
+    def modality_weights(self, field: str) -> dict[str, float]:
+        return _per_modality(getattr(self, field), self.modalities, field)
+
+    @classmethod
+    def from_tower_configs(cls, text_config=None, vision_config=None, audio_config=None, **kwargs) -> "DmilConfig":
+        """Build a DMIL config from tower config objects (the composite-config factory)."""
+        return cls(text_config=text_config, vision_config=vision_config, audio_config=audio_config, **kwargs)
+
+
+__all__ = ["DmilConfig", "TOWER_MODALITIES", "TOWER_INPUTS"]

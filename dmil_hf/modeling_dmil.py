@@ -1,0 +1,621 @@
+# Travels to the Hub with every checkpoint: imports only the standard library, torch, transformers and
+# its sibling files (relatively).
+"""DMIL models: modality towers, the two-level variational decomposition and the gated classifier."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_dmil import TOWER_INPUTS, TOWER_MODALITIES, DmilConfig
+
+logger = logging.get_logger(__name__)
+
+# Expected rank of each tower's main input (batch first).
+_MAIN_INPUT_RANK = {"input_ids": 2, "pixel_values": 4, "input_values": 2, "input_features": 3}
+
+
+@dataclass
+class DmilModelOutput(ModelOutput):
+    """
+    Output of [`DmilModel`]: the decomposed representation of every sample.
+
+    Args:
+        loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
+        component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`):
+            redundancy, one uniqueness per modality, synergy, in the order of `component_names`.
+        component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`): which components exist
+            for each sample (those needing an absent modality do not).
+        modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`): projected towers.
+        modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): which modalities are present.
+        task_relevant_embeds / task_irrelevant_embeds (`torch.FloatTensor` of shape
+            `(batch_size, num_modalities, latent_size)`): level-1 latents (samples in training, means in eval).
+        component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
+    """
+
+    loss_terms: dict | None = None
+    component_embeds: torch.FloatTensor | None = None
+    component_mask: torch.BoolTensor | None = None
+    modality_embeds: torch.FloatTensor | None = None
+    modality_mask: torch.BoolTensor | None = None
+    task_relevant_embeds: torch.FloatTensor | None = None
+    task_irrelevant_embeds: torch.FloatTensor | None = None
+    component_names: tuple | None = None
+
+
+@dataclass
+class DmilClassifierOutput(ModelOutput):
+    """
+    Output of [`DmilForMultimodalClassification`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): gated prediction (stage 1: the mean of
+            the unimodal heads).
+        interaction_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): per-sample gate
+            weights over `component_names`; each row sums to one.
+        component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).
+        unimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`).
+        component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`).
+        modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`).
+        modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`).
+        loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
+        component_names (`tuple[str]`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    interaction_weights: torch.FloatTensor | None = None
+    component_logits: torch.FloatTensor | None = None
+    unimodal_logits: torch.FloatTensor | None = None
+    component_embeds: torch.FloatTensor | None = None
+    modality_embeds: torch.FloatTensor | None = None
+    modality_mask: torch.BoolTensor | None = None
+    loss_terms: dict | None = None
+    component_names: tuple | None = None
+
+
+def gaussian_kl(mean, logvar, prior_mean=None, prior_logvar=None):
+    """KL(N(mean, e^logvar) ‖ prior) summed over the last dim; the prior defaults to N(0, I)."""
+    if prior_mean is None:
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mean - prior_mean).pow(2)) / prior_logvar.exp() - 1.0).sum(-1)
+
+
+def masked_mean(values, mask):
+    """Mean of per-sample `values` over the samples where `mask` holds (0 when none does)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class DmilGaussianBottleneck(nn.Module):
+    """Diagonal-Gaussian bottleneck: reparameterised sample in training, the mean in eval."""
+
+    def __init__(self, input_size: int, latent_size: int):
+        super().__init__()
+        self.proj = nn.Linear(input_size, 2 * latent_size)
+
+    def forward(self, inputs):
+        mean, logvar = self.proj(inputs).chunk(2, dim=-1)
+        logvar = logvar.clamp(-10.0, 10.0)
+        sample = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
+        return sample, mean, logvar
+
+
+def _mlp(input_size: int, hidden_size: int, output_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, output_size))
+
+
+class DmilFeatureTower(nn.Module):
+    """Tower for a precomputed feature vector `(batch, width)` or sequence `(batch, time, width)` (time-averaged)."""
+
+    main_input_name = "features"
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size = input_size
+        self.norm = nn.LayerNorm(input_size)
+        self.mlp = _mlp(input_size, hidden_size, hidden_size)
+
+    def forward(self, features, attention_mask=None):
+        if features.dim() == 3:
+            if attention_mask is None:
+                features = features.mean(1)
+            else:
+                weights = attention_mask.to(features.dtype).unsqueeze(-1)
+                features = (features * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.mlp(self.norm(features))
+
+
+def build_tower(config):
+    """A randomly initialised tower from a transformers config (the encoder of an encoder-decoder)."""
+    tower = AutoModel.from_config(config)
+    return tower.get_encoder() if getattr(config, "is_encoder_decoder", False) else tower
+
+
+def tower_width(config) -> int:
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1]) if sizes else int(config.hidden_size)
+
+
+class DmilEncoders(nn.Module):
+    """
+    The modality towers and their projections to `hidden_size`, shared by DMIL and the baselines. Takes the
+    model's prefixed keyword inputs, checks them, routes them to each tower by its `main_input_name` and pools.
+    """
+
+    def __init__(self, config: DmilConfig):
+        super().__init__()
+        self.config = config
+        self.modalities = config.modalities
+        self.towers = nn.ModuleDict()
+        widths = {}
+        for modality in self.modalities:
+            sub_config = config.tower_config(modality)
+            if sub_config is None:
+                self.towers[modality] = DmilFeatureTower(config.feature_modalities[modality], config.feature_hidden_size)
+                widths[modality] = config.feature_hidden_size
+            else:
+                self.towers[modality] = build_tower(sub_config)
+                widths[modality] = tower_width(sub_config)
+        self.projections = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(widths[m], config.hidden_size), nn.LayerNorm(config.hidden_size))
+            for m in self.modalities
+        })
+        self.dropout = nn.Dropout(config.dropout)
+
+    def input_names(self, modality: str) -> tuple[str, ...]:
+        """The keyword arguments the tower of `modality` accepts (without the prefix)."""
+        tower = self.towers[modality]
+        params = inspect.signature(tower.forward).parameters
+        return tuple(name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+    def expected_keys(self) -> list[str]:
+        keys = []
+        for m in self.modalities:
+            names = ("features", "attention_mask") if m in self.config.feature_modalities else self.input_names(m)
+            keys += [f"{m}_{name}" for name in names]
+        return keys
+
+    def route(self, inputs: dict) -> dict[str, dict]:
+        """Split prefixed inputs by modality, with clear errors for anything unknown or malformed."""
+        routed: dict[str, dict] = {}
+        for key, value in inputs.items():
+            if value is None:
+                continue
+            modality = next((m for m in self.modalities if key.startswith(f"{m}_")), None)
+            name = key[len(modality) + 1:] if modality else None
+            allowed = (("features", "attention_mask") if modality in self.config.feature_modalities
+                       else self.input_names(modality)) if modality else ()
+            if modality is None or name not in allowed:
+                raise ValueError(
+                    f"Unknown input {key!r}. This model's modalities are {list(self.modalities)}; expected keyword "
+                    f"inputs among {self.expected_keys()} (plus labels, modality_mask)."
+                )
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"Input {key!r} must be a torch.Tensor; got {type(value).__name__}.")
+            routed.setdefault(modality, {})[name] = value
+        if not routed:
+            raise ValueError(
+                f"No modality was given. Pass inputs for at least one of {list(self.modalities)}, e.g. "
+                f"{self.expected_keys()[:3]}."
+            )
+        batch_sizes = {}
+        for modality, kwargs in routed.items():
+            main = self.main_input_name(modality)
+            if main not in kwargs:
+                raise ValueError(f"Inputs for modality {modality!r} lack {modality}_{main}; got {sorted(kwargs)}.")
+            self._check_main_input(modality, main, kwargs[main])
+            for name, tensor in kwargs.items():
+                if tensor.dim() == 0:
+                    raise ValueError(f"Input {modality}_{name} is a scalar; expected a batch-first tensor.")
+                batch_sizes[f"{modality}_{name}"] = tensor.shape[0]
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"Input {modality}_{name} holds NaN or infinite values.")
+        if len(set(batch_sizes.values())) > 1:
+            raise ValueError(f"Inputs disagree on the batch size: {batch_sizes}.")
+        return routed
+
+    def main_input_name(self, modality: str) -> str:
+        return self.towers[modality].main_input_name
+
+    def _check_main_input(self, modality, main, tensor):
+        key = f"{modality}_{main}"
+        if modality in self.config.feature_modalities:
+            width = self.config.feature_modalities[modality]
+            if tensor.dim() not in (2, 3) or tensor.shape[-1] != width:
+                raise ValueError(
+                    f"Input {key} has shape {tuple(tensor.shape)}; expected (batch, {width}) or (batch, time, {width})."
+                )
+            if not tensor.is_floating_point():
+                raise TypeError(f"Input {key} has dtype {tensor.dtype}; expected a floating-point tensor.")
+            return
+        rank = _MAIN_INPUT_RANK.get(main)
+        if rank is not None and tensor.dim() != rank:
+            raise ValueError(f"Input {key} has rank {tensor.dim()} (shape {tuple(tensor.shape)}); expected rank {rank}.")
+        sub_config = self.config.tower_config(modality)
+        channels = getattr(sub_config, "num_channels", None)
+        if main == "pixel_values" and channels is not None and tensor.shape[1] != channels:
+            raise ValueError(f"Input {key} has {tensor.shape[1]} channels; the vision tower expects {channels}.")
+        mel_bins = getattr(sub_config, "num_mel_bins", None)
+        if main == "input_features" and mel_bins is not None and tensor.shape[1] != mel_bins:
+            raise ValueError(f"Input {key} has {tensor.shape[1]} mel bins; the audio tower expects {mel_bins}.")
+        if main == "input_ids" and (tensor.is_floating_point() or tensor.min() < 0 or
+                                    tensor.max() >= getattr(sub_config, "vocab_size", float("inf"))):
+            raise ValueError(f"Input {key} must hold token ids in [0, {sub_config.vocab_size}).")
+
+    def pool(self, modality, outputs, attention_mask):
+        if isinstance(outputs, torch.Tensor):  # feature towers return the vector itself
+            return outputs
+        pooled = getattr(outputs, "pooler_output", None)
+        if self.config.tower_pooling == "auto" and pooled is not None:
+            return pooled.flatten(1)
+        hidden = outputs.last_hidden_state
+        if hidden.dim() == 4:  # convolutional feature maps (batch, channels, height, width)
+            return hidden.mean(dim=(2, 3))
+        if self.config.tower_pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == hidden.shape[1]:
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        # Audio towers subsample time, so a sample-level mask does not line up with the frames: plain mean.
+        return hidden.mean(1)
+
+    def forward(self, inputs: dict, modality_mask=None):
+        """Returns `(embeds (B, M, hidden_size), mask (B, M) bool)`; absent modalities get zero embeddings."""
+        routed = self.route(inputs)
+        batch_size = next(iter(next(iter(routed.values())).values())).shape[0]
+        device = next(self.parameters()).device
+        if modality_mask is not None:
+            if not isinstance(modality_mask, torch.Tensor) or tuple(modality_mask.shape) != (batch_size, len(self.modalities)):
+                raise ValueError(
+                    f"modality_mask must be a tensor of shape ({batch_size}, {len(self.modalities)}) over "
+                    f"{list(self.modalities)}; got {getattr(modality_mask, 'shape', type(modality_mask).__name__)}."
+                )
+            modality_mask = modality_mask.to(device=device, dtype=torch.bool)
+        present = torch.tensor([m in routed for m in self.modalities], device=device)
+        mask = present.unsqueeze(0).expand(batch_size, -1)
+        mask = mask & modality_mask if modality_mask is not None else mask.clone()
+        if not mask.any(1).all():
+            raise ValueError("modality_mask marks every modality absent for some samples; keep at least one.")
+        embeds = []
+        for modality in self.modalities:
+            if modality not in routed:
+                embeds.append(None)
+                continue
+            kwargs = routed[modality]
+            outputs = self.towers[modality](**kwargs)
+            pooled = self.pool(modality, outputs, kwargs.get("attention_mask"))
+            embeds.append(self.dropout(self.projections[modality](pooled)))
+        reference = next(e for e in embeds if e is not None)
+        embeds = torch.stack([e if e is not None else reference.new_zeros(reference.shape) for e in embeds], dim=1)
+        return embeds * mask.unsqueeze(-1).to(embeds.dtype), mask
+
+
+class DmilPreTrainedModel(PreTrainedModel):
+    config_class = DmilConfig
+    base_model_prefix = "dmil"
+    main_input_name = "labels"  # inputs are modality-prefixed keyword arguments; see `DmilEncoders`
+    # forward takes **inputs: without this, Trainer would scale the loss by the number of processes under DDP.
+    accepts_loss_kwargs = False
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # Only DMIL's own layers reach here: transformers dispatches each pretrained tower to its own init.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_encoders_pretrained(cls, text=None, vision=None, audio=None, feature_modalities=None, **kwargs):
+        r"""
+        Build a DMIL model around pretrained towers (hub ids or local folders); the head is newly initialised.
+
+        Keyword arguments prefixed `text_`, `vision_` or `audio_` go to that tower's `AutoModel.from_pretrained`;
+        the rest go to [`DmilConfig`].
+
+        Example:
+        ```python
+        >>> model = DmilForMultimodalClassification.from_encoders_pretrained(
+        ...     text="path/to/bert", vision="path/to/vit", num_labels=10, vision_attn_implementation="eager")
+        ```
+        """
+        sources = {"text": text, "vision": vision, "audio": audio}
+        tower_kwargs = {m: {} for m in TOWER_MODALITIES}
+        config_kwargs = {}
+        for key, value in kwargs.items():
+            prefix, _, rest = key.partition("_")
+            if prefix in TOWER_MODALITIES and rest != "config":
+                tower_kwargs[prefix][rest] = value
+            else:
+                config_kwargs[key] = value
+        towers = {}
+        for modality, source in sources.items():
+            if source is None:
+                continue
+            tower = AutoModel.from_pretrained(source, **tower_kwargs[modality]) if isinstance(source, str) else source
+            if not isinstance(tower, PreTrainedModel):
+                raise TypeError(f"`{modality}` must be a hub id, a local folder or a PreTrainedModel; got {type(tower).__name__}.")
+            towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
+        config = DmilConfig(**{f"{m}_config": t.config for m, t in towers.items()},
+                            feature_modalities=feature_modalities, **config_kwargs)
+        model = cls(config)
+        for modality, tower in towers.items():
+            model.base_model.encoders.towers[modality] = tower
+        new = [n for n, _ in model.named_parameters() if ".towers." not in f".{n}" or
+               any(f"towers.{m}." in n for m in config.feature_modalities)]
+        logger.info(f"Newly initialised DMIL weights (train them): {len(new)} tensors, e.g. {new[:5]}")
+        return model
+
+
+class DmilModel(DmilPreTrainedModel):
+    """Towers plus the two-level decomposition; returns the component embeddings of every sample."""
+
+    def __init__(self, config: DmilConfig):
+        super().__init__(config)
+        modalities, hidden, latent = config.modalities, config.hidden_size, config.latent_size
+        num = len(modalities)
+        self.encoders = DmilEncoders(config)
+        # Level 1: task-relevant / task-irrelevant latents inside each modality.
+        self.relevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
+        self.irrelevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
+        self.reconstruct = nn.ModuleDict({m: _mlp(2 * latent, hidden, hidden) for m in modalities})
+        # Level 2: redundancy (with one alignment bottleneck per modality), uniqueness, synergy.
+        self.redundancy = DmilGaussianBottleneck(num * latent, latent)
+        self.redundancy_from = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
+        self.unique = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
+        self.reconstruct_relevant = nn.ModuleDict({m: _mlp(2 * latent, latent, latent) for m in modalities})
+        num_pairs = num * (num - 1) // 2
+        self.synergy = _mlp((num + num_pairs) * latent, latent, latent)
+        self.post_init()
+
+    def level1_modules(self):
+        return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
+
+    def level2_modules(self):
+        return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant, self.synergy]
+
+    def forward(self, modality_mask=None, return_dict=None, **inputs) -> DmilModelOutput:
+        config = self.config
+        modalities = config.modalities
+        # Stage 2 trains level 2 only: skip building a graph through the frozen towers and level 1.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
+            embeds, mask = self.encoders(inputs, modality_mask)
+            terms = {}
+            relevant, relevant_means, irrelevant = [], [], []
+            for i, m in enumerate(modalities):
+                z_tr, mu_tr, lv_tr = self.relevant[m](embeds[:, i])
+                z_ir, mu_ir, lv_ir = self.irrelevant[m](embeds[:, i])
+                rebuilt = self.reconstruct[m](torch.cat([z_tr, z_ir], -1))
+                terms[f"kl_level1_{m}"] = config.kl_scale * masked_mean(
+                    gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), mask[:, i])
+                terms[f"reconstruction_{m}"] = masked_mean((rebuilt - embeds[:, i]).pow(2).mean(-1), mask[:, i])
+                relevant.append(z_tr)
+                relevant_means.append(mu_tr)
+                irrelevant.append(z_ir)
+        relevant, relevant_means = torch.stack(relevant, 1), torch.stack(relevant_means, 1)
+        irrelevant = torch.stack(irrelevant, 1)
+        all_present = mask.all(1)
+
+        # Redundancy: q(R | all modalities), aligned with v(R | m) for every m.
+        r_sample, r_mean, r_logvar = self.redundancy(relevant_means.flatten(1))
+        terms["kl_redundancy"] = config.kl_scale * masked_mean(gaussian_kl(r_mean, r_logvar), all_present)
+        aligned = [self.redundancy_from[m](relevant_means[:, i]) for i, m in enumerate(modalities)]
+        for i, m in enumerate(modalities):
+            _, v_mean, v_logvar = aligned[i]
+            terms[f"kl_alignment_{m}"] = config.kl_scale * masked_mean(
+                gaussian_kl(r_mean, r_logvar, v_mean, v_logvar), all_present)
+        if not all_present.all():
+            # Missing modalities: R from the product of the present modalities' alignment Gaussians.
+            weights = mask.unsqueeze(-1).to(r_mean.dtype)
+            precision = torch.stack([(-lv).exp() for _, _, lv in aligned], 1) * weights
+            means = torch.stack([mu for _, mu, _ in aligned], 1)
+            poe_mean = (means * precision).sum(1) / precision.sum(1).clamp(min=1e-6)
+            poe_sample = poe_mean
+            if self.training:
+                poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(1).clamp(min=1e-6).rsqrt()
+            r_sample = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
+        redundant = r_sample
+
+        unique = []
+        for i, m in enumerate(modalities):
+            u_sample, u_mean, u_logvar = self.unique[m](relevant_means[:, i])
+            rebuilt = self.reconstruct_relevant[m](torch.cat([redundant, u_sample], -1))
+            terms[f"kl_unique_{m}"] = config.kl_scale * masked_mean(gaussian_kl(u_mean, u_logvar), mask[:, i])
+            terms[f"reconstruction_relevant_{m}"] = masked_mean(
+                (rebuilt - relevant_means[:, i]).pow(2).mean(-1), mask[:, i])
+            unique.append(u_sample)
+
+        # Synergy: deterministic, from the task-irrelevant latents and their pairwise products.
+        pairs = [irrelevant[:, i] * irrelevant[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
+        synergistic = self.synergy(torch.cat([irrelevant.flatten(1)] + pairs, -1))
+
+        component_embeds = torch.stack([redundant] + unique + [synergistic], 1)
+        component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, all_present.unsqueeze(1)], 1)
+        component_embeds = component_embeds * component_mask.unsqueeze(-1).to(component_embeds.dtype)
+        return DmilModelOutput(
+            loss_terms=terms,
+            component_embeds=component_embeds,
+            component_mask=component_mask,
+            modality_embeds=embeds,
+            modality_mask=mask,
+            task_relevant_embeds=relevant,
+            task_irrelevant_embeds=irrelevant,
+            component_names=config.component_names,
+        )
+
+
+class DmilForMultimodalClassification(DmilPreTrainedModel):
+    r"""
+    DMIL with component heads, unimodal heads and the per-sample gate. The loss depends on
+    `config.training_stage` (see DESIGN §3); `set_training_stage` also freezes what that stage keeps fixed.
+
+    Example:
+    ```python
+    >>> from transformers import BertConfig, ViTConfig
+    >>> config = DmilConfig(text_config=BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...     intermediate_size=37), vision_config=ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...     intermediate_size=37, image_size=16, patch_size=8), num_labels=3)
+    >>> model = DmilForMultimodalClassification(config)
+    >>> out = model(text_input_ids=torch.ones(2, 5, dtype=torch.long), vision_pixel_values=torch.rand(2, 3, 16, 16))
+    >>> out.interaction_weights.sum(-1)
+    tensor([1., 1.], grad_fn=<SumBackward1>)
+    ```
+    """
+
+    def __init__(self, config: DmilConfig):
+        super().__init__(config)
+        if config.problem_type == "multi_label_classification":
+            raise ValueError("problem_type 'multi_label_classification' is not supported; use single-label or regression.")
+        self.num_labels = config.num_labels
+        latent, modalities = config.latent_size, config.modalities
+        self.dmil = DmilModel(config)
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(latent, config.num_labels) for m in modalities})
+        self.component_heads = nn.ModuleList([nn.Linear(latent, config.num_labels) for _ in config.component_names])
+        num_components = len(config.component_names)
+        self.gate = _mlp(num_components * latent, config.gate_hidden_size, num_components)
+        self.post_init()
+
+    # --- the staged schedule -------------------------------------------------------------------------------
+    def stage_modules(self) -> dict[str, list[nn.Module]]:
+        """Parameter groups of the schedule: stage 1 trains `level1`, stage 2 `level2`, stage 3 both."""
+        return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
+                "level2": self.dmil.level2_modules() + [self.component_heads, self.gate]}
+
+    def set_training_stage(self, stage: int):
+        """Switch the loss to `stage` and set `requires_grad` so only that stage's parameters train. Parameters that
+        were frozen before the first call (e.g. base weights under LoRA) stay frozen."""
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}.")
+        if not hasattr(self, "_frozen_before_staging"):
+            self._frozen_before_staging = {id(p) for p in self.parameters() if not p.requires_grad}
+        trainable = {1: ("level1",), 2: ("level2",), 3: ("level1", "level2")}[stage]
+        for group, modules in self.stage_modules().items():
+            for module in modules:
+                for p in module.parameters():
+                    p.requires_grad_(group in trainable and id(p) not in self._frozen_before_staging)
+        self.config.training_stage = stage
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.config.training_stage == 2:
+            # Stage 2 keeps level 1 exactly as stage 1 left it: no dropout, no batch-norm updates, mean latents.
+            for module in self.stage_modules()["level1"]:
+                module.eval()
+        return self
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def _check_labels(self, labels):
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}.")
+        if self.config.problem_type == "regression":
+            if labels.dim() not in (1, 2) or not labels.is_floating_point():
+                raise ValueError(f"regression labels must be a float tensor (batch,) ; got {labels.dtype} {tuple(labels.shape)}.")
+            return
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} {tuple(labels.shape)}.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
+            raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {int(labels.min())} to {int(labels.max())}.")
+
+    def _task_loss(self, logits, labels):
+        """Per-sample task loss: cross-entropy, or squared error for regression."""
+        if self.config.problem_type == "regression":
+            return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def forward(self, labels=None, modality_mask=None, return_dict=None, **inputs) -> DmilClassifierOutput:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
+                presence of each modality (in `config.modalities` order); modalities not passed at all are absent.
+            **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
+                `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`.
+        """
+        if labels is not None:
+            self._check_labels(labels)
+        config = self.config
+        out = self.dmil(modality_mask=modality_mask, **inputs)
+        mask, component_mask = out.modality_mask, out.component_mask
+        stage = config.training_stage
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stage != 2):
+            unimodal_logits = torch.stack(
+                [self.unimodal_heads[m](out.task_relevant_embeds[:, i]) for i, m in enumerate(config.modalities)], 1)
+        component_logits = torch.stack([head(out.component_embeds[:, k]) for k, head in enumerate(self.component_heads)], 1)
+        gate_logits = self.gate(out.component_embeds.flatten(1)).masked_fill(~component_mask, float("-inf"))
+        weights = gate_logits.softmax(-1)
+        if stage == 1:
+            present = mask.unsqueeze(-1).to(unimodal_logits.dtype)
+            logits = (unimodal_logits * present).sum(1) / present.sum(1)
+        else:
+            logits = (weights.unsqueeze(-1) * component_logits).sum(1)
+
+        terms = dict(out.loss_terms)
+        loss = None
+        if labels is not None:
+            terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * component_logits).sum(1), labels).mean()
+            for i, m in enumerate(config.modalities):
+                terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
+            for k, name in enumerate(config.component_names):
+                terms[f"task_component_{name}"] = masked_mean(
+                    self._task_loss(component_logits[:, k], labels), component_mask[:, k])
+            loss = self._stage_loss(terms, stage)
+        return DmilClassifierOutput(
+            loss=loss,
+            logits=logits,
+            interaction_weights=weights,
+            component_logits=component_logits,
+            unimodal_logits=unimodal_logits,
+            component_embeds=out.component_embeds,
+            modality_embeds=out.modality_embeds,
+            modality_mask=mask,
+            loss_terms=terms,
+            component_names=config.component_names,
+        )
+
+    def _stage_loss(self, terms, stage):
+        config = self.config
+        modalities = config.modalities
+        kl_w = config.modality_weights("level1_kl_weights")
+        rec_w = config.modality_weights("level1_reconstruction_weights")
+        unimodal = sum(terms[f"task_unimodal_{m}"] for m in modalities)
+        level1 = sum(kl_w[m] * terms[f"kl_level1_{m}"] + rec_w[m] * terms[f"reconstruction_{m}"] for m in modalities)
+        level2_kl = terms["kl_redundancy"] + sum(terms[f"kl_alignment_{m}"] + terms[f"kl_unique_{m}"] for m in modalities)
+        rebuild_relevant = sum(terms[f"reconstruction_relevant_{m}"] for m in modalities)
+        components = sum(terms[f"task_component_{n}"] for n in config.component_names)
+        if stage == 1:
+            return unimodal + config.lamb * level1
+        if stage == 2:
+            return (terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
+                    + config.stage2_component_weight * components)
+        reconstruction = sum(terms[f"reconstruction_{m}"] for m in modalities) + rebuild_relevant
+        return (terms["task_gated"] + config.stage3_unimodal_weight * unimodal
+                + config.lamb * sum(kl_w[m] * terms[f"kl_level1_{m}"] for m in modalities)
+                + config.stage3_reconstruction_weight * reconstruction
+                + config.lamb * config.stage3_level2_scale * level2_kl
+                + config.stage3_component_weight * components)
+
+
+__all__ = [
+    "DmilClassifierOutput",
+    "DmilEncoders",
+    "DmilFeatureTower",
+    "DmilForMultimodalClassification",
+    "DmilModel",
+    "DmilModelOutput",
+    "DmilPreTrainedModel",
+]

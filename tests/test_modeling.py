@@ -1,0 +1,257 @@
+"""DMIL config and model: shapes, save/load, remote code, missing modalities, pretrained towers, bad input."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, BertModel, CLIPConfig, ViTConfig
+
+import dmil_hf
+from dmil_hf import DmilConfig, DmilForMultimodalClassification, DmilModel
+from dmil_hf.towers import text_tower_config
+
+from conftest import FEATURE_DIMS, ModelTester
+
+HUB_FILES = ("configuration_dmil.py", "modeling_dmil.py")
+
+
+def test_forward_backward_shapes(tester):
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config())
+    out = model(labels=tester.labels(), **tester.inputs())
+    m, b, c = len(tester.modalities), tester.batch_size, tester.num_labels
+    assert out.logits.shape == (b, c)
+    assert out.component_logits.shape == (b, m + 2, c)
+    assert out.interaction_weights.shape == (b, m + 2)
+    assert out.unimodal_logits.shape == (b, m, c)
+    assert out.component_embeds.shape == (b, m + 2, 16)
+    torch.testing.assert_close(out.interaction_weights.sum(-1), torch.ones(b))
+    assert out.component_names == ("redundancy",) + tuple(f"unique_{x}" for x in model.config.modalities) + ("synergy",)
+    assert {"task_gated", "kl_redundancy", "task_component_synergy"} <= set(out.loss_terms)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:5]) and torch.isfinite(out.loss)
+
+
+def test_save_reload_identical_outputs(tester, tmp_path):
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    inputs = tester.inputs()
+    with torch.no_grad():
+        expected = model(**inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "pytorch_model.bin").exists()
+    for loader in (DmilForMultimodalClassification, AutoModelForSequenceClassification):
+        reloaded = loader.from_pretrained(tmp_path).eval()
+        assert type(reloaded) is DmilForMultimodalClassification
+        with torch.no_grad():
+            got = reloaded(**inputs)
+        assert (got.logits - expected.logits).abs().max() <= 1e-6
+        assert (got.interaction_weights - expected.interaction_weights).abs().max() <= 1e-6
+
+
+def test_base_model_through_automodel(tmp_path):
+    tester = ModelTester(("text", "vision"))
+    model = DmilModel(tester.config()).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is DmilModel
+    with torch.no_grad():
+        a, b = model(**tester.inputs()), reloaded(**tester.inputs())
+    assert (a.component_embeds - b.component_embeds).abs().max() <= 1e-6
+
+
+def test_config_json_round_trip_keeps_modality_order(tmp_path):
+    config = DmilConfig(feature_modalities={"zeta": 3, "alpha": 2}, text_config=text_tower_config(), num_labels=5)
+    config.save_pretrained(tmp_path)
+    reloaded = DmilConfig.from_pretrained(tmp_path)
+    assert reloaded.modalities == config.modalities == ("text", "alpha", "zeta")
+    assert reloaded.text_config.hidden_size == 32 and reloaded.num_labels == 5
+    assert DmilConfig(feature_modalities={"a": 2, "b": 3}, text_config=text_tower_config().to_dict()).text_config.vocab_size == 1000
+
+
+def test_remote_code_loads_without_dmil_hf(tmp_path):
+    tester = ModelTester(("text", "vision"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForSequenceClassification"].endswith("DmilForMultimodalClassification")
+    for name in HUB_FILES:
+        assert (tmp_path / "ckpt" / name).exists()
+    inputs = tester.inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = f"""
+import sys
+sys.modules["dmil_hf"] = None  # make the installed package unimportable
+import torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
+assert "dmil_hf" not in type(model).__module__, type(model).__module__
+inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+with torch.no_grad():
+    torch.save(model(**inputs).logits, {str(tmp_path / 'out.pt')!r})
+"""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", HUB_FILES + ("processing_dmil.py",))
+def test_hub_files_import_only_allowed_modules(name):
+    path = Path(dmil_hf.__file__).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} not present")
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy"}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: must be a sibling Hub file
+                assert f"{node.module}.py" in HUB_FILES + ("processing_dmil.py",), node.module
+                continue
+            roots = [node.module.split(".")[0]]
+        else:
+            continue
+        assert set(roots) <= allowed, f"{name} imports {roots}"
+
+
+@pytest.mark.parametrize("absent", ["text", "vision", "audio"])
+def test_missing_modality_each(trimodal, absent):
+    model = DmilForMultimodalClassification(trimodal.config()).eval()
+    inputs = {k: v for k, v in trimodal.inputs().items() if not k.startswith(f"{absent}_")}
+    with torch.no_grad():
+        out = model(**inputs)
+    names = model.config.component_names
+    weights = dict(zip(names, out.interaction_weights[0].tolist()))
+    assert weights[f"unique_{absent}"] == 0.0 and weights["synergy"] == 0.0
+    assert abs(sum(weights.values()) - 1) < 1e-6 and torch.isfinite(out.logits).all()
+
+
+def test_missing_modality_per_sample_mask(trimodal):
+    model = DmilForMultimodalClassification(trimodal.config()).eval()
+    mask = torch.ones(trimodal.batch_size, 3, dtype=torch.bool)
+    mask[1, 2] = False  # sample 1 has no audio
+    with torch.no_grad():
+        full = model(**trimodal.inputs())
+        masked = model(modality_mask=mask, **trimodal.inputs())
+    assert masked.interaction_weights[1, 3] == 0 and masked.interaction_weights[1, 4] == 0
+    torch.testing.assert_close(masked.logits[0], full.logits[0])
+    assert not torch.allclose(masked.logits[1], full.logits[1])
+
+
+def test_regression_problem_type():
+    tester = ModelTester(("alpha", "beta"))
+    config = tester.config()
+    config.num_labels, config.problem_type = 1, "regression"
+    model = DmilForMultimodalClassification(config)
+    out = model(labels=torch.randn(4), **tester.inputs())
+    assert out.logits.shape == (4, 1) and out.loss.requires_grad
+
+
+def test_training_stage_changes_prediction_rule():
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    model.set_training_stage(1)
+    out = model(**tester.inputs())
+    torch.testing.assert_close(out.logits, out.unimodal_logits.mean(1))
+    model.set_training_stage(3)
+    out = model(**tester.inputs())
+    torch.testing.assert_close(out.logits, (out.interaction_weights.unsqueeze(-1) * out.component_logits).sum(1))
+
+
+def test_from_encoders_pretrained_keeps_tower_bit_identical(tmp_path):
+    torch.manual_seed(1)
+    bert = BertModel(text_tower_config("tiny", vocab_size=50))
+    bert.save_pretrained(tmp_path / "bert")
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, image_size=16,
+                    patch_size=8)
+    from transformers import ViTModel
+    ViTModel(vit).save_pretrained(tmp_path / "vit")
+    model = DmilForMultimodalClassification.from_encoders_pretrained(
+        text=str(tmp_path / "bert"), vision=str(tmp_path / "vit"), num_labels=4, vision_add_pooling_layer=False)
+    tower = model.dmil.encoders.towers["text"]
+    reference = BertModel.from_pretrained(tmp_path / "bert")
+    for (name, p), (_, q) in zip(tower.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert model.dmil.encoders.towers["vision"].pooler is None  # prefixed kwargs reached the tower
+    assert model.config.num_labels == 4 and model.config.modalities == ("text", "vision")
+
+
+# --- bad input: one test each -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def bimodal():
+    tester = ModelTester(("text", "vision"))
+    return tester, DmilForMultimodalClassification(tester.config())
+
+
+def test_error_unknown_modality_prefix(bimodal):
+    tester, model = bimodal
+    with pytest.raises(ValueError, match="Unknown input 'audio_input_values'"):
+        model(audio_input_values=torch.randn(4, 100), **tester.inputs())
+
+
+def test_error_no_modality(bimodal):
+    _, model = bimodal
+    with pytest.raises(ValueError, match="No modality was given"):
+        model(labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_error_batch_sizes_disagree(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["vision_pixel_values"] = inputs["vision_pixel_values"][:2]
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        model(**inputs)
+
+
+def test_error_wrong_rank(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["vision_pixel_values"] = inputs["vision_pixel_values"][:, 0]
+    with pytest.raises(ValueError, match="vision_pixel_values has rank 3"):
+        model(**inputs)
+
+
+def test_error_wrong_feature_width():
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config())
+    inputs = tester.inputs()
+    inputs["alpha_features"] = torch.randn(4, FEATURE_DIMS["alpha"] + 1)
+    with pytest.raises(ValueError, match=r"alpha_features has shape \(4, 7\); expected \(batch, 6\)"):
+        model(**inputs)
+
+
+def test_error_labels_out_of_range(bimodal):
+    tester, model = bimodal
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        model(labels=torch.tensor([0, 1, 2, 3]), **tester.inputs())
+
+
+def test_error_non_finite_input(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["vision_pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="vision_pixel_values holds NaN"):
+        model(**inputs)
+
+
+def test_error_config_with_one_modality():
+    with pytest.raises(ValueError, match="at least two modalities"):
+        DmilConfig(text_config=text_tower_config())
+
+
+def test_error_unsupported_sub_config():
+    with pytest.raises(TypeError, match="vision_config"):
+        DmilConfig(vision_config=text_tower_config(), feature_modalities={"a": 3})
+    with pytest.raises(TypeError, match="text_config"):
+        DmilConfig(text_config=CLIPConfig(), feature_modalities={"a": 3})
+    with pytest.raises(TypeError, match="audio_config"):
+        DmilConfig(audio_config=3, feature_modalities={"a": 3, "b": 2})
