@@ -387,11 +387,16 @@ class DmilModel(DmilPreTrainedModel):
         return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant, self.synergy]
 
     def forward(self, modality_mask=None, return_dict=None, **inputs) -> DmilModelOutput:
+        # Stage 2 trains level 2 only: skip building a graph through the frozen towers.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
+            embeds, mask = self.encoders(inputs, modality_mask)
+        return self.decompose(embeds, mask)
+
+    def decompose(self, embeds, mask) -> DmilModelOutput:
+        """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`."""
         config = self.config
         modalities = config.modalities
-        # Stage 2 trains level 2 only: skip building a graph through the frozen towers and level 1.
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
-            embeds, mask = self.encoders(inputs, modality_mask)
             terms = {}
             relevant, relevant_means, irrelevant = [], [], []
             for i, m in enumerate(modalities):
@@ -547,8 +552,11 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         """
         if labels is not None:
             self._check_labels(labels)
+        return self.classify(self.dmil(modality_mask=modality_mask, **inputs), labels)
+
+    def classify(self, out: DmilModelOutput, labels=None) -> DmilClassifierOutput:
+        """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`]."""
         config = self.config
-        out = self.dmil(modality_mask=modality_mask, **inputs)
         mask, component_mask = out.modality_mask, out.component_mask
         stage = config.training_stage
 

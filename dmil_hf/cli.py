@@ -1,0 +1,40 @@
+"""The `dmil` console script: one subcommand per module in `dmil_hf.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("train", "evaluate", "bench", "estimate", "export", "push", "profile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmil", description="DMIL: decomposition-based multimodal interaction learning.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"dmil_hf.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"dmil_hf.commands.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `dmil` with `argv` (default: the process arguments); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        # Errors at the public boundary already say what was wrong: print them without a traceback.
+        print(f"dmil {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`dmil evaluate`: test a saved model on a dataset (modalities it lacks are treated as absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("evaluate", help="evaluate a saved model on a dataset split")
+    p.add_argument("--model", required=True, help="folder written by dmil train / save_pretrained")
+    p.add_argument("--dataset", required=True, help="built-in name or a save_to_disk folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
+    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from transformers import AutoProcessor
+
+    from ..data import inspect_dataset, load_dataset_from_name_or_path
+    from ..experiment import evaluate_model
+    from ..loading import load_model
+    from .train import parse_key_values
+
+    model = load_model(args.model, allow_pickle=args.allow_pickle)
+    dsd = load_dataset_from_name_or_path(args.dataset, **parse_key_values(args.dataset_arg))
+    schema = inspect_dataset(dsd)
+    if args.split not in dsd:
+        raise ValueError(f"split {args.split!r} is not in the dataset; it has {list(dsd)}.")
+    shared = [m for m in schema.modalities if m in model.config.modalities]
+    if not shared:
+        raise ValueError(f"the dataset's modalities {list(schema.modalities)} share none with the model's "
+                         f"{list(model.config.modalities)}.")
+    needs_processor = any(m in ("text", "vision", "audio") for m in shared)
+    processor = AutoProcessor.from_pretrained(args.model) if needs_processor else None
+    report, _ = evaluate_model(model, processor, dsd[args.split], shared)
+    name = Path(args.dataset).name or args.dataset
+    output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
+    output.write_text(json.dumps({"test": report}, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0

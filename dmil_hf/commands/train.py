@@ -1,0 +1,62 @@
+"""`dmil train`: train DMIL or a baseline on a built-in or saved dataset."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("train", help="train DMIL or a baseline and write a checkpoint plus metrics.json")
+    p.add_argument("--dataset", default="digits", help="built-in name (synthetic, digits) or a save_to_disk folder")
+    p.add_argument("--method", default="dmil", choices=["dmil", "joint", "ensemble", "i2moe"])
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--towers", default="tiny", choices=["tiny", "small"], help="size of randomly initialised towers")
+    for modality in ("text", "vision", "audio"):
+        p.add_argument(f"--{modality}-model", default=None,
+                       help=f"pretrained {modality} tower: hub id or local folder (replaces the random one)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls"], help="how tower outputs are pooled")
+    p.add_argument("--stage-epochs", type=float, nargs=3, metavar=("S1", "S2", "S3"), help="DMIL epochs per stage")
+    p.add_argument("--stage-learning-rates", type=float, nargs=3, metavar=("S1", "S2", "S3"))
+    p.add_argument("--epochs", type=float, help="baselines: epochs (default: DMIL's total)")
+    p.add_argument("--learning-rate", type=float, help="baselines: learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="store_true", help="LoRA on the transformer towers; the head trains fully")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--report-to", default="none", help="passed to Trainer: none, tensorboard, ...")
+    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="argument for a built-in dataset builder, e.g. num_samples=600 (JSON values)")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_key_values(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--dataset-arg {pair!r} must look like KEY=VALUE.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(args) -> int:
+    from ..experiment import RunSettings, run_training
+
+    settings = RunSettings(
+        dataset=args.dataset, method=args.method, output_dir=args.output_dir, towers=args.towers,
+        pretrained={m: getattr(args, f"{m}_model") for m in ("text", "vision", "audio") if getattr(args, f"{m}_model")},
+        stage_epochs=tuple(args.stage_epochs) if args.stage_epochs else None,
+        stage_learning_rates=tuple(args.stage_learning_rates) if args.stage_learning_rates else None,
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
+        lora=args.lora, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
+        dataset_kwargs=parse_key_values(args.dataset_arg), tower_pooling=args.pooling,
+    )
+    metrics = run_training(settings)
+    if metrics:
+        print(json.dumps({"test": metrics["test"], "train_seconds": round(metrics["train_seconds"], 1)}, indent=2))
+    return 0

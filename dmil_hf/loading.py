@@ -1,0 +1,59 @@
+"""Safe loading of saved DMIL / baseline checkpoints (safetensors only unless the caller opts in)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorsError
+from safetensors import safe_open
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> Path:
+    """Make sure `model_dir` holds readable safetensors weights; refuse pickle-only folders unless allowed."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {str(model_dir)!r} does not exist.")
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json; expected a folder written by save_pretrained.")
+    files = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if not files:
+        pickles = [name for name in PICKLE_WEIGHTS if (model_dir / name).exists()]
+        if pickles and not allow_pickle:
+            raise ValueError(
+                f"{model_dir} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code when "
+                "loaded. Re-save them as safetensors, or pass allow_pickle=True (--allow-pickle) if you trust them."
+            )
+        if not pickles:
+            raise FileNotFoundError(f"{model_dir} holds no weights (expected model.safetensors).")
+        return model_dir
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except (SafetensorsError, OSError, ValueError) as err:
+            raise ValueError(f"weights file {path} is corrupted or truncated ({err}); re-save or re-download it.") from None
+        if path.stat().st_size == 0:
+            raise ValueError(f"weights file {path} is empty; re-save or re-download it.")
+    return model_dir
+
+
+def load_model(model_dir: str | Path, allow_pickle: bool = False, **kwargs):
+    """Load a DMIL or baseline classifier from a folder, after checking its weights."""
+    import dmil_hf  # noqa: F401  (registers the dmil model types with the Auto classes)
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = check_weights(model_dir, allow_pickle=allow_pickle)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=not allow_pickle or None, **kwargs)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"could not load the weights in {model_dir}: {err}") from None
+
+
+__all__ = ["check_weights", "load_model"]

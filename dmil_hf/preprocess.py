@@ -1,0 +1,95 @@
+"""From a dataset in the `dmil_hf` column schema to model-ready tensors: the processor and the encoded splits.
+
+The processor is built once per run (a tokenizer trained on the training texts for random towers, or the pretrained
+tower's own pre-processors) and saved with the model, so `dmil evaluate`, the pipeline and the Hub card use the
+same one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+from .processing_dmil import DmilProcessor
+from .towers import audio_feature_extractor, image_processor, train_text_tokenizer
+
+MAX_TEXT_LENGTH = 128
+
+
+def image_channels(dataset: Dataset) -> int:
+    """1 for grayscale images (2-D arrays or mode 'L'), else 3."""
+    first = dataset[0]["image"]
+    if hasattr(first, "mode"):
+        return 1 if first.mode in ("L", "1", "I", "F") else 3
+    return 1 if np.asarray(first).ndim == 2 else 3
+
+
+def build_processor(modalities, train_split: Dataset, pretrained: dict | None = None, text_vocab_size: int = 1000):
+    """A `DmilProcessor` for `modalities`: pretrained pre-processors for towers named in `pretrained`
+    (modality -> hub id or folder), random-tower presets for the rest; `None` when only feature modalities exist."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
+
+    pretrained = pretrained or {}
+    parts = {}
+    if "text" in modalities:
+        parts["tokenizer"] = (AutoTokenizer.from_pretrained(pretrained["text"]) if "text" in pretrained
+                              else train_text_tokenizer(train_split["text"], vocab_size=text_vocab_size))
+    if "vision" in modalities:
+        parts["image_processor"] = (AutoImageProcessor.from_pretrained(pretrained["vision"]) if "vision" in pretrained
+                                    else image_processor(num_channels=image_channels(train_split)))
+    if "audio" in modalities:
+        parts["feature_extractor"] = (AutoFeatureExtractor.from_pretrained(pretrained["audio"]) if "audio" in pretrained
+                                      else audio_feature_extractor())
+    if not parts:
+        return None
+    channels = image_channels(train_split) if "vision" in modalities and "vision" not in pretrained else None
+    return DmilProcessor(**parts, image_channels=channels)
+
+
+def text_length(processor, dsd: DatasetDict) -> int:
+    """Pad every split to one length: the longest tokenised training text (capped), so batches stack."""
+    longest = max(len(ids) for ids in processor.tokenizer(dsd["train"]["text"])["input_ids"])
+    return min(longest, MAX_TEXT_LENGTH, processor.tokenizer.model_max_length)
+
+
+def encode_split(split: Dataset, processor, modalities, max_text_length: int | None = None,
+                 batch_size: int = 256) -> Dataset:
+    """Model-ready columns (`text_input_ids`, `vision_pixel_values`, `audio_input_features`, `<name>_features`,
+    `labels`) for the modalities present in `split`; the `interaction` column is dropped (read it from the raw
+    split). A modality whose column is missing is left out, so the model treats it as absent."""
+    columns = set(split.column_names)
+    if max_text_length is None and "text" in modalities and "text" in columns:
+        max_text_length = min(max(len(ids) for ids in processor.tokenizer(split["text"])["input_ids"]), MAX_TEXT_LENGTH)
+    feature_names = [m for m in modalities if f"{m}_features" in columns]
+
+    def encode(batch):
+        kwargs = {}
+        if "text" in modalities and "text" in columns:
+            kwargs.update(text=batch["text"], padding="max_length", truncation=True, max_length=max_text_length)
+        if "vision" in modalities and "image" in columns:
+            kwargs["images"] = [np.asarray(image, dtype=np.uint8) for image in batch["image"]]
+        if "audio" in modalities and "audio" in columns:
+            rates = set(batch["audio_sampling_rate"])
+            if len(rates) != 1:
+                raise ValueError(f"column 'audio_sampling_rate' must be constant within a batch; got {sorted(rates)}.")
+            kwargs.update(audio=[np.asarray(a, dtype=np.float32) for a in batch["audio"]], sampling_rate=rates.pop())
+        out = {}
+        if kwargs:
+            out = {k: np.asarray(v) for k, v in processor(**kwargs, return_tensors="np").items()}
+        for name in feature_names:
+            out[f"{name}_features"] = np.asarray(batch[f"{name}_features"], dtype=np.float32)
+        out["labels"] = np.asarray(batch["labels"])
+        return out
+
+    encoded = split.map(encode, batched=True, batch_size=batch_size, remove_columns=split.column_names,
+                        desc="Encoding")
+    return encoded.with_format("torch")
+
+
+def encode_dataset(dsd: DatasetDict, processor, modalities) -> DatasetDict:
+    """`encode_split` for every split, with one text length for all."""
+    length = text_length(processor, dsd) if processor is not None and getattr(processor, "tokenizer", None) else None
+    return DatasetDict({name: encode_split(split, processor, modalities, length) for name, split in dsd.items()})
+
+
+__all__ = ["build_processor", "encode_dataset", "encode_split", "image_channels", "text_length"]

@@ -1,0 +1,214 @@
+"""DMIL's three-stage schedule on top of `transformers.Trainer`, LoRA on the towers, and resumable runs.
+
+One `Trainer` per stage: each stage gets its own optimizer and learning rate, evaluates every epoch on the
+validation split, and ends by restoring its best checkpoint (`load_best_model_at_end`), which is also where the next
+stage starts. A finished stage leaves `stage<k>/best/` and `stage<k>/done.json`, so `resume=True` skips finished
+stages and continues the interrupted one from its last checkpoint with Trainer's own resume.
+
+Example (your own script):
+```python
+from transformers import TrainingArguments
+from dmil_hf.training import train_staged
+
+args = TrainingArguments("runs/my-dmil", per_device_train_batch_size=32, remove_unused_columns=False)
+train_staged(model, args, train_dataset, eval_dataset, compute_metrics=compute_metrics)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# Attention projections LoRA adapts, by the names each family uses (transformers 5); the first pair present wins.
+LORA_TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("qkv",))
+
+
+class DmilTrainer(Trainer):
+    """`Trainer` that logs every loss term of DMIL (and the baselines) by name, averaged over the logging window."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, float] = {}
+        self._term_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training and getattr(outputs, "loss_terms", None):
+            for name, value in outputs.loss_terms.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+            self._term_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self._term_steps:
+            logs.update({f"loss_{k}": round(v / self._term_steps, 5) for k, v in self._term_sums.items()})
+            self._term_sums, self._term_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def stage_plan(model: PreTrainedModel, args: TrainingArguments) -> list[dict]:
+    """The stages to run: DMIL's three (epochs and learning rates from its config), or one for other models."""
+    config = model.config
+    if not hasattr(model, "set_training_stage"):
+        return [{"stage": None, "name": "train", "epochs": args.num_train_epochs, "learning_rate": args.learning_rate}]
+    return [
+        {"stage": k, "name": f"stage{k}", "epochs": getattr(config, f"stage{k}_epochs"),
+         "learning_rate": getattr(config, f"stage{k}_learning_rate")}
+        for k in (1, 2, 3) if getattr(config, f"stage{k}_epochs") > 0
+    ]
+
+
+def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_better: bool, metric: str):
+    overrides = dict(
+        output_dir=str(Path(args.output_dir) / stage["name"]),
+        num_train_epochs=stage["epochs"],
+        learning_rate=stage["learning_rate"],
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better,
+        save_total_limit=2,
+        remove_unused_columns=False,
+        logging_dir=None,
+    )
+    override_norm = getattr(model, "max_grad_norm_override", None)
+    if override_norm is not None:  # e.g. the ensemble: clipping jointly would couple independent models
+        overrides["max_grad_norm"] = override_norm
+    fields = {f.name for f in dataclasses.fields(args)}
+    return dataclasses.replace(args, **{k: v for k, v in overrides.items() if k in fields})
+
+
+def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
+                 data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
+                 greater_is_better: bool = True) -> list[dict]:
+    """
+    Train `model` stage by stage (DMIL) or in one run (baselines), restoring the best validation checkpoint at the end
+    of every stage. Returns one record per stage (`stage`, `best_metric`, `best_checkpoint`, `train_seconds`).
+
+    Args:
+        model: a `DmilForMultimodalClassification` (three stages) or any classifier (one stage).
+        args: the `TrainingArguments`; `output_dir` gets one sub-folder per stage; epochs and learning rates come
+            from the model config's stage presets (DMIL) or from `args` (others).
+        resume: continue an interrupted run from `args.output_dir` (finished stages are reloaded, not re-run).
+        metric / greater_is_better: the validation metric (from `compute_metrics`) that picks each stage's best.
+    """
+    records = []
+    for stage in stage_plan(model, args):
+        stage_dir = Path(args.output_dir) / stage["name"]
+        done = stage_dir / "done.json"
+        if stage["stage"] is not None:
+            model.set_training_stage(stage["stage"])
+        if resume and done.exists():
+            state = load_file(str(stage_dir / "best" / "model.safetensors"))
+            model.load_state_dict(state, strict=False)
+            records.append(json.loads(done.read_text()))
+            logger.info("Resume: %s already finished; reloaded its best checkpoint.", stage["name"])
+            continue
+        stage_args = _stage_arguments(args, stage, model, greater_is_better, f"eval_{metric}")
+        trainer = DmilTrainer(model=model, args=stage_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              compute_metrics=compute_metrics, data_collator=data_collator, callbacks=callbacks)
+        last = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.exists() else None
+        output = trainer.train(resume_from_checkpoint=last)
+        record = {
+            "stage": stage["name"],
+            "best_metric": trainer.state.best_metric,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "train_seconds": output.metrics.get("train_runtime"),
+            "epochs": stage["epochs"],
+            "learning_rate": stage["learning_rate"],
+        }
+        trainer.save_model(str(stage_dir / "best"))
+        if trainer.is_world_process_zero():
+            done.write_text(json.dumps(record, indent=2))
+        records.append(record)
+    return records
+
+
+# --- LoRA on the towers ------------------------------------------------------------------------------------------
+
+def lora_target_modules(tower: torch.nn.Module) -> list[str]:
+    """The attention projection names LoRA should adapt in `tower` (e.g. BERT: query/value; ViT, Whisper: q_proj/v_proj)."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in tower.named_modules() if isinstance(module, torch.nn.Linear)}
+    for candidates in LORA_TARGET_CANDIDATES:
+        if set(candidates) <= leaf_names:
+            return list(candidates)
+    raise ValueError(f"no attention projections found for LoRA in {type(tower).__name__}; pass target_modules.")
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, modalities=None, target_modules=None):
+    """Wrap each transformer tower (all, or `modalities`) in a peft LoRA model: its base weights freeze, the adapters
+    and the whole DMIL head stay trainable. Call before training (before the first `set_training_stage`)."""
+    from peft import LoraConfig, get_peft_model
+
+    towers = model.base_model.encoders.towers
+    wrapped = []
+    for modality, tower in list(towers.items()):
+        if not isinstance(tower, PreTrainedModel) or (modalities is not None and modality not in modalities):
+            continue
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=target_modules or lora_target_modules(tower))
+        towers[modality] = get_peft_model(tower, config)
+        wrapped.append(modality)
+    if not wrapped:
+        raise ValueError("LoRA needs at least one transformer tower; this model has only feature towers.")
+    return wrapped
+
+
+def save_lora_adapters(model, directory: str | Path) -> list[str]:
+    """Save each LoRA tower's adapter to `directory/<modality>/` (peft format)."""
+    from peft import PeftModel
+
+    saved = []
+    for modality, tower in model.base_model.encoders.towers.items():
+        if isinstance(tower, PeftModel):
+            tower.save_pretrained(str(Path(directory) / modality))
+            saved.append(modality)
+    return saved
+
+
+def merge_lora(model):
+    """Merge LoRA adapters into their towers, leaving a plain model that `from_pretrained` loads anywhere."""
+    from peft import PeftModel
+
+    towers = model.base_model.encoders.towers
+    for modality, tower in list(towers.items()):
+        if isinstance(tower, PeftModel):
+            towers[modality] = tower.merge_and_unload()
+    return model
+
+
+def load_lora_adapters(model, directory: str | Path) -> list[str]:
+    """Attach adapters saved by `save_lora_adapters` to the (unmerged) towers of `model`."""
+    from peft import PeftModel
+
+    loaded = []
+    towers = model.base_model.encoders.towers
+    for path in sorted(Path(directory).iterdir()):
+        if path.name not in towers:
+            raise ValueError(f"adapter folder {path} names modality {path.name!r}; model has {list(towers)}.")
+        towers[path.name] = PeftModel.from_pretrained(towers[path.name], str(path))
+        loaded.append(path.name)
+    return loaded
+
+
+__all__ = [
+    "DmilTrainer",
+    "apply_lora",
+    "load_lora_adapters",
+    "lora_target_modules",
+    "merge_lora",
+    "save_lora_adapters",
+    "stage_plan",
+    "train_staged",
+]
