@@ -1,0 +1,28 @@
+"""`dmil bench`: every method on every dataset over seeds; writes results.json, results.md and plots."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers):
+    from ..bench import DATASETS
+    from ..experiment import METHODS
+
+    p = subparsers.add_parser("bench", help="compare dmil, joint, ensemble and i2moe per kind of sample")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--quick", action="store_true", help="small data, few epochs, one seed (a few minutes)")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    p.add_argument("--towers", default="tiny", choices=["tiny", "small"])
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..bench import run_benchmark
+
+    results = run_benchmark(args.output_dir, args.datasets, args.methods, args.seeds, args.quick, args.towers)
+    from pathlib import Path
+
+    print((Path(args.output_dir) / "results.md").read_text())
+    return 0 if results["runs"] else 1

@@ -1,0 +1,43 @@
+"""Train a tiny model with DmilTrainer; run plainly or under `accelerate launch`. Saves each rank's parameters and
+the logged losses. Usage: ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE [METHOD]"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import TrainingArguments, set_seed  # noqa: E402
+
+from dmil_hf import DmilConfig  # noqa: E402
+from dmil_hf.baselines import build_model  # noqa: E402
+from dmil_hf.training import DmilTrainer  # noqa: E402
+
+output_dir, batch_size = Path(sys.argv[1]), int(sys.argv[2])
+method = sys.argv[3] if len(sys.argv) > 3 else "joint"
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 3, 64)
+data = Dataset.from_dict({
+    "alpha_features": (np.eye(3)[labels] @ rng.normal(size=(3, 6)) + rng.normal(size=(64, 6))).astype(np.float32),
+    "beta_features": rng.normal(size=(64, 4)).astype(np.float32),
+    "labels": labels,
+}).with_format("torch")
+set_seed(0)
+# Dropout off, so one process and two see exactly the same computation on the same global batch.
+config = DmilConfig(feature_modalities={"alpha": 6, "beta": 4}, num_labels=3, hidden_size=16, latent_size=8,
+                    feature_hidden_size=16, dropout=0.0)
+model = build_model(method, config)
+args = TrainingArguments(str(output_dir), per_device_train_batch_size=batch_size, num_train_epochs=2, logging_steps=1,
+                         learning_rate=1e-2, report_to="none", seed=0, save_strategy="no", disable_tqdm=True,
+                         remove_unused_columns=False)
+trainer = DmilTrainer(model=model, args=args, train_dataset=data)
+trainer.train()
+output_dir.mkdir(parents=True, exist_ok=True)
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output_dir / f"rank{args.process_index}.safetensors"))
+if args.process_index == 0:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    (output_dir / "losses.json").write_text(json.dumps(losses))

@@ -1,0 +1,231 @@
+"""Staged training through Trainer: what each stage trains, best-checkpoint restore, resume, LoRA, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from dmil_hf import DmilConfig, DmilForMultimodalClassification
+from dmil_hf.cli import main
+from dmil_hf.interactions import make_compute_metrics
+from dmil_hf.training import apply_lora, load_lora_adapters, merge_lora, save_lora_adapters, train_staged
+
+from conftest import ModelTester
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def feature_dataset(n=96, seed=0, dims=(6, 4), num_classes=3) -> DatasetDict:
+    """Two feature modalities; label readable from either one (redundant) plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    protos = [rng.normal(size=(num_classes, d)) for d in dims]
+    columns = {f"{name}_features": (p[labels] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+               for name, p, d in zip(("alpha", "beta"), protos, dims)}
+    columns["labels"] = labels
+    columns["interaction"] = ["redundancy"] * n
+    full = Dataset.from_dict(columns)
+    a, b = int(0.6 * n), int(0.8 * n)
+    return DatasetDict(train=full.select(range(a)), validation=full.select(range(a, b)), test=full.select(range(b, n)))
+
+
+def encoded(dsd):
+    return {k: v.remove_columns("interaction").with_format("torch") for k, v in dsd.items()}
+
+
+def feature_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    config = DmilConfig(feature_modalities={"alpha": 6, "beta": 4}, num_labels=3, hidden_size=16, latent_size=8,
+                        feature_hidden_size=16, **kwargs)
+    return DmilForMultimodalClassification(config)
+
+
+def args_for(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=16, report_to="none", seed=0,
+                    disable_tqdm=True, use_cpu=True, logging_steps=1)
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_groups(model, before):
+    groups = {}
+    for group, modules in model.stage_modules().items():
+        ids = {id(p) for m in modules for p in m.parameters()}
+        diffs = [not torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in ids]
+        groups[group] = any(diffs)
+    return groups
+
+
+@pytest.mark.parametrize("stage,expected", [(1, {"level1": True, "level2": False}),
+                                            (2, {"level1": False, "level2": True}),
+                                            (3, {"level1": True, "level2": True})])
+def test_each_stage_trains_only_its_parameters(tmp_path, stage, expected):
+    epochs = [0, 0, 0]
+    epochs[stage - 1] = 1
+    model = feature_model(stage1_epochs=epochs[0], stage2_epochs=epochs[1], stage3_epochs=epochs[2])
+    data = encoded(feature_dataset())
+    before = snapshot(model)
+    train_staged(model, args_for(tmp_path), data["train"], data["validation"], compute_metrics=make_compute_metrics())
+    assert changed_groups(model, before) == expected
+
+
+def test_stage2_keeps_level1_in_eval_mode():
+    model = feature_model().set_training_stage(2)
+    model.train()
+    assert not model.dmil.relevant.training and not model.dmil.encoders.training
+    assert model.gate.training and model.dmil.redundancy.training
+
+
+def test_stage_switch_restores_best_checkpoint(tmp_path):
+    model = feature_model(stage1_epochs=3, stage2_epochs=0, stage3_epochs=0)
+    data = encoded(feature_dataset())
+    records = train_staged(model, args_for(tmp_path), data["train"], data["validation"],
+                           compute_metrics=make_compute_metrics())
+    best = load_file(str(Path(records[0]["best_checkpoint"]) / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in best.items())
+    history = [e["eval_accuracy"] for e in json.loads((Path(records[0]["best_checkpoint"]) / "trainer_state.json")
+                                                      .read_text())["log_history"] if "eval_accuracy" in e]
+    assert records[0]["best_metric"] == max(history)
+    assert (tmp_path / "stage1" / "done.json").exists()
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, stage_dir, step):
+        self.stage_dir, self.step = stage_dir, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.output_dir.endswith(self.stage_dir) and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = encoded(feature_dataset())
+    kwargs = dict(stage1_epochs=2, stage2_epochs=2, stage3_epochs=1)
+    reference = feature_model(**kwargs)
+    train_staged(reference, args_for(tmp_path / "full"), data["train"], data["validation"],
+                 compute_metrics=make_compute_metrics())
+
+    interrupted = feature_model(**kwargs)
+    with pytest.raises(KeyboardInterrupt):  # crash in stage 2, after its first epoch's checkpoint (4 steps/epoch)
+        train_staged(interrupted, args_for(tmp_path / "resumed"), data["train"], data["validation"],
+                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage2", 6)])
+    resumed = feature_model(seed=123, **kwargs)  # different init: everything must come from the checkpoints
+    train_staged(resumed, args_for(tmp_path / "resumed"), data["train"], data["validation"],
+                 compute_metrics=make_compute_metrics(), resume=True)
+    for (name, p), (_, q) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_lora_train_save_load_identical_logits(tmp_path):
+    tester = ModelTester(("text", "vision"), batch_size=24)
+    config = tester.config(stage1_epochs=1, stage2_epochs=0, stage3_epochs=1)
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(config)
+    base_towers = {m: {k: v.clone() for k, v in t.state_dict().items()} for m, t in model.dmil.encoders.towers.items()}
+    wrapped = apply_lora(model)
+    assert wrapped == ["text", "vision"]
+    inputs = tester.inputs()
+    rows = Dataset.from_dict({**{k: v.numpy() for k, v in inputs.items()}, "labels": tester.labels().numpy()}).with_format("torch")
+    train_staged(model, args_for(tmp_path / "run"), rows, rows, compute_metrics=make_compute_metrics())
+    tower_state = model.dmil.encoders.towers["text"].base_model.model.state_dict()
+    base_keys = [k for k in tower_state if "lora_" not in k and k.endswith(".base_layer.weight")]
+    assert base_keys and all(torch.equal(tower_state[k], base_towers["text"][k.replace(".base_layer", "")])
+                             for k in base_keys), "LoRA must leave the tower's base weights untouched"
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    save_lora_adapters(model, tmp_path / "adapters")
+    merge_lora(model)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = DmilForMultimodalClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - expected).abs().max() < 1e-5
+    # The saved adapters on the original towers rebuild the trained towers.
+    fresh = DmilForMultimodalClassification.from_pretrained(tmp_path / "merged").eval()
+    for m in ("text", "vision"):
+        fresh.dmil.encoders.towers[m].load_state_dict(base_towers[m])
+    assert load_lora_adapters(fresh, tmp_path / "adapters") == ["text", "vision"]
+    with torch.no_grad():
+        assert (fresh.eval()(**inputs).logits - expected).abs().max() < 1e-5
+
+
+def test_two_process_accelerate_matches_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = str(SCRIPTS / "ddp_train.py")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run(accelerate + [script, str(tmp_path / "two"), "4"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "8"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.allclose(rank0[name], single[name], atol=1e-5), name
+    losses_two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    losses_one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    assert len(losses_two) == len(losses_one) > 0
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4)
+
+
+def test_cli_train_then_evaluate_user_dataset(tmp_path):
+    feature_dataset(n=120).save_to_disk(tmp_path / "data")
+    out = tmp_path / "model"
+    code = main(["train", "--dataset", str(tmp_path / "data"), "--method", "dmil", "--output-dir", str(out),
+                 "--stage-epochs", "1", "1", "1", "--batch-size", "16"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "dmil" and metrics["seed"] == 0 and metrics["train_seconds"] > 0
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["test"]["n"] == 24
+    assert set(metrics["test"]["by_interaction"]) == {"redundancy"}
+    assert "accuracy" in metrics["validation"]
+    from transformers import AutoModelForSequenceClassification
+    assert type(AutoModelForSequenceClassification.from_pretrained(out)).__name__ == "DmilForMultimodalClassification"
+    # a second train into the same folder is refused without --overwrite
+    assert main(["train", "--dataset", str(tmp_path / "data"), "--output-dir", str(out)]) == 2
+    assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "data"), "--output",
+                 str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert report["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path):
+    dsd = feature_dataset(n=120)
+    dsd.save_to_disk(tmp_path / "data")
+    out = tmp_path / "model"
+    assert main(["train", "--dataset", str(tmp_path / "data"), "--method", "joint", "--output-dir", str(out),
+                 "--epochs", "1"]) == 0
+    subset = DatasetDict({k: v.remove_columns("beta_features").add_column(
+        "gamma_features", [[0.0, 1.0]] * len(v)) for k, v in dsd.items()})
+    subset.save_to_disk(tmp_path / "subset")
+    assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "subset"), "--output",
+                 str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["n"] == 24
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda d: d.remove_columns("labels"), "labels"),
+    (lambda d: d.remove_columns("beta_features"), "two modality"),
+    (lambda d: d.rename_column("beta_features", "beta_stuff"), "beta_stuff"),
+    (lambda d: DatasetDict(train=d["train"], dev=d["validation"], test=d["test"]), "validation"),
+])
+def test_cli_bad_dataset_clear_error(tmp_path, capsys, breakage, message):
+    breakage(feature_dataset()).save_to_disk(tmp_path / "bad")
+    assert main(["train", "--dataset", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
