@@ -35,3 +35,46 @@ __all__ = [
     "DmilModelOutput",
     "DmilPreTrainedModel",
 ]
+
+# The baselines (same towers and data path); each has its own model_type so the Auto classes rebuild the right one.
+from .baselines import (  # noqa: E402
+    METHOD_CLASSES,
+    DmilEnsembleConfig,
+    DmilEnsembleForMultimodalClassification,
+    DmilI2moeConfig,
+    DmilI2moeForMultimodalClassification,
+    DmilJointConfig,
+    DmilJointForMultimodalClassification,
+    build_model,
+)
+
+for _model_type, _config_class, _model_class in (
+    ("dmil_joint", DmilJointConfig, DmilJointForMultimodalClassification),
+    ("dmil_ensemble", DmilEnsembleConfig, DmilEnsembleForMultimodalClassification),
+    ("dmil_i2moe", DmilI2moeConfig, DmilI2moeForMultimodalClassification),
+):
+    AutoConfig.register(_model_type, _config_class, exist_ok=True)
+    AutoModelForSequenceClassification.register(_config_class, _model_class, exist_ok=True)
+    _config_class.register_for_auto_class()
+    _model_class.register_for_auto_class("AutoModelForSequenceClassification")
+del _model_type, _config_class, _model_class
+
+__all__ += [
+    "METHOD_CLASSES",
+    "DmilEnsembleConfig",
+    "DmilEnsembleForMultimodalClassification",
+    "DmilI2moeConfig",
+    "DmilI2moeForMultimodalClassification",
+    "DmilJointConfig",
+    "DmilJointForMultimodalClassification",
+    "build_model",
+]
+
+# The processor: AutoProcessor finds it locally, and save_pretrained writes its auto_map for trust_remote_code.
+from transformers import AutoProcessor  # noqa: E402
+
+from .processing_dmil import DmilProcessor  # noqa: E402
+
+AutoProcessor.register(DmilConfig, DmilProcessor, exist_ok=True)
+DmilProcessor.register_for_auto_class("AutoProcessor")
+__all__ += ["DmilProcessor"]
