@@ -90,6 +90,8 @@ class DmilConfig(PretrainedConfig):
         gate_hidden_size (`int`, defaults to 64): hidden width of the per-sample gate.
         tower_pooling (`str`, defaults to `"auto"`): `"auto"` uses `pooler_output` when a tower has one, else
             the masked mean of `last_hidden_state`; `"mean"` always takes the mean; `"cls"` the first token.
+        synergy_source (`str`, defaults to `"all"`): latents the synergy component is built from: `"irrelevant"`
+            (the paper: task-irrelevant latents and their pairwise products) or `"all"` (task-relevant ones too).
         dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
         lamb (`float`, defaults to 0.2): scale of every KL / alignment term.
         kl_scale (`float`, defaults to 0.1): extra factor inside the model on every KL.
@@ -128,6 +130,7 @@ class DmilConfig(PretrainedConfig):
         feature_hidden_size: int = 128,
         gate_hidden_size: int = 64,
         tower_pooling: str = "auto",
+        synergy_source: str = "all",
         dropout: float = 0.1,
         lamb: float = 0.2,
         kl_scale: float = 0.1,
@@ -165,6 +168,8 @@ class DmilConfig(PretrainedConfig):
                 raise ValueError(f"feature modality {name!r} has input width {dim}; expected a positive integer.")
         if tower_pooling not in ("auto", "mean", "cls"):
             raise ValueError(f"`tower_pooling` is {tower_pooling!r}; expected 'auto', 'mean' or 'cls'.")
+        if synergy_source not in ("all", "irrelevant"):
+            raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all' or 'irrelevant'.")
         if training_stage not in (1, 2, 3):
             raise ValueError(f"`training_stage` is {training_stage!r}; expected 1, 2 or 3.")
         for field, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
@@ -176,6 +181,7 @@ class DmilConfig(PretrainedConfig):
         self.feature_hidden_size = int(feature_hidden_size)
         self.gate_hidden_size = int(gate_hidden_size)
         self.tower_pooling = tower_pooling
+        self.synergy_source = synergy_source
         self.dropout = float(dropout)
         self.lamb = float(lamb)
         self.kl_scale = float(kl_scale)

@@ -196,7 +196,6 @@ def run_training(settings: RunSettings) -> dict:
         num_train_epochs=settings.epochs or total_epochs,
         learning_rate=settings.learning_rate or DEFAULT_LEARNING_RATE,
         weight_decay=1e-4,
-        warmup_ratio=0.0,
         seed=settings.seed,
         report_to=settings.report_to,
         logging_steps=10,

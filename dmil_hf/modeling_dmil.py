@@ -377,7 +377,8 @@ class DmilModel(DmilPreTrainedModel):
         self.unique = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
         self.reconstruct_relevant = nn.ModuleDict({m: _mlp(2 * latent, latent, latent) for m in modalities})
         num_pairs = num * (num - 1) // 2
-        self.synergy = _mlp((num + num_pairs) * latent, latent, latent)
+        width = latent * (2 if config.synergy_source == "all" else 1)
+        self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
         self.post_init()
 
     def level1_modules(self):
@@ -398,7 +399,7 @@ class DmilModel(DmilPreTrainedModel):
         modalities = config.modalities
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
             terms = {}
-            relevant, relevant_means, irrelevant = [], [], []
+            relevant, relevant_means, irrelevant, irrelevant_means = [], [], [], []
             for i, m in enumerate(modalities):
                 z_tr, mu_tr, lv_tr = self.relevant[m](embeds[:, i])
                 z_ir, mu_ir, lv_ir = self.irrelevant[m](embeds[:, i])
@@ -409,8 +410,9 @@ class DmilModel(DmilPreTrainedModel):
                 relevant.append(z_tr)
                 relevant_means.append(mu_tr)
                 irrelevant.append(z_ir)
+                irrelevant_means.append(mu_ir)
         relevant, relevant_means = torch.stack(relevant, 1), torch.stack(relevant_means, 1)
-        irrelevant = torch.stack(irrelevant, 1)
+        irrelevant, irrelevant_means = torch.stack(irrelevant, 1), torch.stack(irrelevant_means, 1)
         all_present = mask.all(1)
 
         # Redundancy: q(R | all modalities), aligned with v(R | m) for every m.
@@ -442,9 +444,15 @@ class DmilModel(DmilPreTrainedModel):
                 (rebuilt - relevant_means[:, i]).pow(2).mean(-1), mask[:, i])
             unique.append(u_sample)
 
-        # Synergy: deterministic, from the task-irrelevant latents and their pairwise products.
-        pairs = [irrelevant[:, i] * irrelevant[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
-        synergistic = self.synergy(torch.cat([irrelevant.flatten(1)] + pairs, -1))
+        # Synergy: deterministic, from each modality's latents and their pairwise element-wise products. The paper
+        # uses the task-irrelevant latents only; by default we add the task-relevant ones, because a value that is
+        # unimodally informative on some samples (and so lands in z_tr) can be synergistic on others.
+        # It reads the latent means: the sampling noise of a weakly used latent would otherwise drown the products.
+        sources = irrelevant_means
+        if config.synergy_source == "all":
+            sources = torch.cat([irrelevant_means, relevant_means], -1)
+        pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
+        synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
         component_embeds = torch.stack([redundant] + unique + [synergistic], 1)
         component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, all_present.unsqueeze(1)], 1)

@@ -33,7 +33,7 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
     parts = {}
     if "text" in modalities:
         parts["tokenizer"] = (AutoTokenizer.from_pretrained(pretrained["text"]) if "text" in pretrained
-                              else train_text_tokenizer(train_split["text"], vocab_size=text_vocab_size))
+                              else train_text_tokenizer(list(train_split["text"]), vocab_size=text_vocab_size))
     if "vision" in modalities:
         parts["image_processor"] = (AutoImageProcessor.from_pretrained(pretrained["vision"]) if "vision" in pretrained
                                     else image_processor(num_channels=image_channels(train_split)))
@@ -48,7 +48,7 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
 
 def text_length(processor, dsd: DatasetDict) -> int:
     """Pad every split to one length: the longest tokenised training text (capped), so batches stack."""
-    longest = max(len(ids) for ids in processor.tokenizer(dsd["train"]["text"])["input_ids"])
+    longest = max(len(ids) for ids in processor.tokenizer(list(dsd["train"]["text"]))["input_ids"])
     return min(longest, MAX_TEXT_LENGTH, processor.tokenizer.model_max_length)
 
 
@@ -59,7 +59,7 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
     split). A modality whose column is missing is left out, so the model treats it as absent."""
     columns = set(split.column_names)
     if max_text_length is None and "text" in modalities and "text" in columns:
-        max_text_length = min(max(len(ids) for ids in processor.tokenizer(split["text"])["input_ids"]), MAX_TEXT_LENGTH)
+        max_text_length = min(max(len(ids) for ids in processor.tokenizer(list(split["text"]))["input_ids"]), MAX_TEXT_LENGTH)
     feature_names = [m for m in modalities if f"{m}_features" in columns]
 
     def encode(batch):
