@@ -78,3 +78,9 @@ from .processing_dmil import DmilProcessor  # noqa: E402
 AutoProcessor.register(DmilConfig, DmilProcessor, exist_ok=True)
 DmilProcessor.register_for_auto_class("AutoProcessor")
 __all__ += ["DmilProcessor"]
+
+# The `multimodal-classification` pipeline: pipeline("multimodal-classification", model=DIR).
+from .pipeline import MultimodalClassificationPipeline, register_pipeline  # noqa: E402
+
+register_pipeline()
+__all__ += ["MultimodalClassificationPipeline"]

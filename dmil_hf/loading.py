@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors import safe_open
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
@@ -37,7 +37,7 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> Path:
             with safe_open(str(path), framework="pt") as handle:
                 for key in handle.keys():
                     handle.get_slice(key)
-        except (SafetensorsError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"weights file {path} is corrupted or truncated ({err}); re-save or re-download it.") from None
         if path.stat().st_size == 0:
             raise ValueError(f"weights file {path} is empty; re-save or re-download it.")

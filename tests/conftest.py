@@ -35,7 +35,7 @@ class ModelTester:
         self.seed = seed
         self.config_kwargs = config_kwargs
 
-    def config(self) -> DmilConfig:
+    def config(self, **overrides) -> DmilConfig:
         towers = {
             "text": lambda: text_tower_config("tiny", vocab_size=VOCAB),
             "vision": lambda: vision_tower_config("tiny", num_channels=3),
@@ -44,7 +44,7 @@ class ModelTester:
         kwargs = {f"{m}_config": towers[m]() for m in self.modalities if m in towers}
         features = {m: FEATURE_DIMS[m] for m in self.modalities if m in FEATURE_DIMS}
         return DmilConfig(**kwargs, feature_modalities=features, num_labels=self.num_labels,
-                          hidden_size=32, latent_size=16, **self.config_kwargs)
+                          hidden_size=32, latent_size=16, **{**self.config_kwargs, **overrides})
 
     def inputs(self, batch_size=None):
         batch = batch_size or self.batch_size

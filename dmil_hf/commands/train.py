@@ -27,6 +27,8 @@ def add_parser(subparsers):
     p.add_argument("--report-to", default="none", help="passed to Trainer: none, tensorboard, ...")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="argument for a built-in dataset builder, e.g. num_samples=600 (JSON values)")
+    p.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DmilConfig field, e.g. latent_size=64 or synergy_source=irrelevant (JSON values)")
     p.set_defaults(func=run)
     return p
 
@@ -55,6 +57,7 @@ def run(args) -> int:
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
         lora=args.lora, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         dataset_kwargs=parse_key_values(args.dataset_arg), tower_pooling=args.pooling,
+        config_overrides=parse_key_values(args.config_arg),
     )
     metrics = run_training(settings)
     if metrics:

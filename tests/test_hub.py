@@ -1,0 +1,401 @@
+"""dmil_hf.hub: model card, export with the fresh-process reload check, push to a fake Hub, safe loading."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+import dmil_hf
+from dmil_hf import DmilForMultimodalClassification, DmilProcessor
+from dmil_hf.cli import main as cli_main
+from dmil_hf.hub import ExportCheckError, TEMPLATE_PATH, export_model, push_model, render_model_card
+from dmil_hf.loading import check_weights, load_model
+from dmil_hf.towers import image_processor, train_text_tokenizer
+
+from conftest import VOCAB, ModelTester
+
+MODALITIES = ("text", "vision", "alpha")
+METRICS = {
+    "method": "dmil", "dataset": "digits", "seed": 7,
+    "validation": {"accuracy": 0.7031, "n": 64},
+    "test": {"accuracy": 0.8125, "by_interaction": {"redundancy": 0.9375, "synergy": 0.5625, "unique_text": 0.875},
+             "n": 96},
+    "train_seconds": 42.5,
+    "settings": {"towers": "tiny", "batch_size": 16, "seed": 7},
+}
+PROFILE = {
+    "redundancy": {"redundancy": 0.612, "unique_text": 0.1, "unique_vision": 0.1, "unique_alpha": 0.1,
+                   "synergy": 0.088},
+    "synergy": {"redundancy": 0.05, "unique_text": 0.05, "unique_vision": 0.05, "unique_alpha": 0.05, "synergy": 0.8},
+}
+PLACEHOLDERS = ("{{", "}}", "[More Information Needed]", "TODO")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny text + vision + feature DMIL model with its processor and the files a training run leaves."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(ModelTester(MODALITIES).config())
+    model.save_pretrained(path)
+    tokenizer = train_text_tokenizer(["a cat sat on the mat", "the dog barks", "seven eight nine"] * 5,
+                                     vocab_size=VOCAB)
+    DmilProcessor(tokenizer=tokenizer, image_processor=image_processor(num_channels=3)).save_pretrained(path)
+    (path / "metrics.json").write_text(json.dumps(METRICS))
+    (path / "interaction_profile.json").write_text(json.dumps(PROFILE))
+    Image.new("RGB", (8, 8), "white").save(path / "interaction_weights.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    """The real export (one fresh-process reload for the whole module)."""
+    output = tmp_path_factory.mktemp("export") / "dmil-tiny"
+    return output, export_model(model_dir, output)
+
+
+def front_matter(text: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert match, text[:200]
+    return yaml.safe_load(match.group(1))
+
+
+# ------------------------------------------------------------------------------------------------ model card
+
+
+def test_card_parses_and_carries_the_run(model_dir):
+    card = render_model_card(model_dir, repo_id="me/dmil-tiny", revision="v2")
+    text = str(card)
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in text, placeholder
+    meta = front_matter(text)
+    assert meta["library_name"] == "transformers"
+    assert {"dmil", "multimodal", "interaction-learning", "partial-information-decomposition", "text", "vision"} <= set(
+        meta["tags"])
+    assert "base_model" not in meta  # random towers
+    results = {(r.dataset_split, r.metric_config): r.metric_value for r in ModelCard(text).data.eval_results}
+    assert results[("test", None)] == 0.8125 and results[("validation", None)] == 0.7031
+    assert results[("test", "synergy")] == 0.5625 and results[("test", "unique_text")] == 0.875
+    assert "| synergy | 0.5625 |" in text  # the by-interaction table
+    assert "| redundancy | 0.612 |" in text and "0.800" in text  # the interaction profile
+    assert "(interaction_weights.png)" in text
+    assert "| 1 | " in text and "| `lamb` | 0.2 |" in text  # stage schedule and loss weights
+    assert 'from_pretrained(repo, trust_remote_code=True, revision="v2")' in text and 'repo = "me/dmil-tiny"' in text
+    assert "2606.11614" in text and "@inproceedings" in text and "CVPR" in text
+
+
+def test_card_without_run_files_and_with_pretrained_tower(tmp_path):
+    config = ModelTester(MODALITIES).config()
+    config.text_config._name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    config.vision_config._name_or_path = str(tmp_path)  # a local folder: not Hub metadata
+    config.save_pretrained(tmp_path)
+    text = str(render_model_card(tmp_path))
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in text, placeholder
+    meta = front_matter(text)
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "model-index" not in meta and "No evaluation results" in text
+    assert f'repo = "{tmp_path}"' in text
+
+
+@pytest.mark.parametrize("method", ["joint", "ensemble", "i2moe"])
+def test_card_for_baselines(tmp_path, method):
+    from dmil_hf import METHOD_CLASSES
+
+    config_class = METHOD_CLASSES[method][0]
+    config_class(**ModelTester(MODALITIES).config().to_dict()).save_pretrained(tmp_path)
+    metrics = {"method": method, "dataset": "synthetic", "seed": 0, "test": {"accuracy": 0.625, "n": 8},
+               "settings": {"epochs": 3, "learning_rate": 0.002}}
+    text = str(render_model_card(tmp_path, metrics=metrics))
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in text, placeholder
+    assert front_matter(text)["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.625
+    assert "epochs 3, learning rate 0.002" in text and "| Stage |" not in text
+    assert ("interaction_weights" in text) == (method == "i2moe")
+    assert "`baselines.py`" in text
+
+
+def test_card_template_is_package_data_and_top_level_copy_matches():
+    top_level = Path(__file__).parents[1] / "model_cards" / TEMPLATE_PATH.name
+    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.parent == Path(dmil_hf.__file__).parent
+    assert top_level.read_text() == TEMPLATE_PATH.read_text(), "model_cards/ must hold a copy of the package template"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_export_reloads_without_dmil_hf(exported):
+    output, report = exported
+    files = set(report["files"])
+    assert {"config.json", "model.safetensors", "configuration_dmil.py", "modeling_dmil.py", "processing_dmil.py",
+            "processor_config.json", "README.md", "metrics.json", "interaction_profile.json",
+            "interaction_weights.png"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    config = json.loads((output / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_dmil.DmilForMultimodalClassification"
+    assert report["model_class"].endswith("DmilForMultimodalClassification")
+    assert not report["model_class"].startswith("dmil_hf")
+    assert not report["processor_class"].startswith("dmil_hf")
+    assert {"full/logits", "full/interaction_weights", "without_alpha/logits", "processor/vision_pixel_values"} <= set(
+        report["max_abs_diff"])
+    assert max(report["max_abs_diff"].values()) <= 1e-5
+
+
+def test_export_card_snippet_runs_without_dmil_hf(exported, tmp_path):
+    output, _ = exported
+    snippet = re.search(r"```python\n(.*?)```", (output / "README.md").read_text(), re.S).group(1)
+    assert f'repo = "{output}"' in snippet
+    script = 'import sys\nsys.modules["dmil_hf"] = None\n' + snippet
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    label, weights = result.stdout.strip().splitlines()[-2:]
+    assert label.startswith("LABEL_") and "'synergy'" in weights and "'unique_alpha'" in weights
+
+
+def test_export_card_pipeline_snippet_runs(exported, capsys):
+    from dmil_hf.pipeline import register_pipeline
+
+    register_pipeline()  # what `import dmil_hf` does once the package registers the task
+    output, _ = exported
+    snippet = re.findall(r"```python\n(.*?)```", (output / "README.md").read_text(), re.S)[1]
+    exec(compile(snippet, "card-pipeline-snippet", "exec"), {})
+    scores, weights = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert scores.startswith("[{'label': 'LABEL_") and "'unique_alpha'" in weights
+
+
+def test_export_refuses_non_empty_output_unless_overwrite(model_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_model(model_dir, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="holds the model being exported"):
+        export_model(model_dir, model_dir, overwrite=True)
+    assert cli_main(["export", "--model", str(model_dir), "--output-dir", str(tmp_path)]) == 2
+
+
+def test_export_reports_mismatch_and_leaves_folder(tmp_path, monkeypatch):
+    import dmil_hf.hub as hub
+
+    model = DmilForMultimodalClassification(ModelTester(("alpha", "beta")).config()).eval()
+    model.save_pretrained(tmp_path / "model")
+
+    def perturbed(output_dir, cases, processor_sample, timeout):
+        # Stands in for the fresh process: the original model's outputs, slightly changed.
+        with torch.no_grad():
+            outputs = {f"{case}/{name}": getattr(model(**inputs), name) + 1e-3
+                       for case, inputs in cases.items() for name in ("logits", "interaction_weights")}
+        return outputs, {}
+
+    monkeypatch.setattr(hub, "_reload_in_fresh_process", perturbed)
+    with pytest.raises(ExportCheckError, match="left at .* for inspection"):
+        export_model(tmp_path / "model", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ push
+
+
+class FakeHub:
+    """Just the endpoints `create_repo`, `create_branch` and `upload_folder` use in huggingface_hub 2.x; every file
+    is answered as a "regular" upload so its bytes come inline (base64) in the NDJSON commit."""
+
+    def __init__(self):
+        self.requests, self.repos = [], {}
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                url = urlsplit(self.path)
+                hub.requests.append({"method": self.command, "path": unquote(url.path), "query": parse_qs(url.query),
+                                     "authorization": self.headers.get("Authorization"), "body": body})
+                status, reply = hub.answer(unquote(url.path), parse_qs(url.query), body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, path, query, body):
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            self.repos.setdefault(repo_id, {"visibility": payload.get("visibility"), "branches": {"main"},
+                                            "files": {}})
+            return 200, {"url": f"{self.url}/{repo_id}"}
+        if path == "/api/validate-yaml":
+            content = json.loads(body)["content"]
+            yaml.safe_load(content.split("---\n")[1])
+            return 200, {"errors": [], "warnings": []}
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit|discussions)/?(.*)", path)
+        if match is None or match.group(1) not in self.repos:
+            return 404, {"error": f"fake hub: no route for {path}"}
+        repo_id, action, revision = match.groups()
+        repo = self.repos[repo_id]
+        if action == "discussions":  # with hf_xet installed, create_pr opens the pull request first
+            if not revision:
+                repo["pull_requests"] = repo.get("pull_requests", 0) + 1
+                return 200, {"num": repo["pull_requests"]}
+            return 200, {"num": int(revision), "title": "pr", "author": {"name": "me"}, "status": "draft",
+                         "createdAt": "2026-01-01T00:00:00.000Z", "repo": {"name": repo_id, "type": "model"},
+                         "isPullRequest": True, "events": [], "changes": {"base": "refs/heads/main"},
+                         "filesWithConflicts": []}
+        if action == "branch":
+            repo["branches"].add(revision)
+            return 200, {}
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                                   for f in files]}
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        assert lines[0]["key"] == "header"
+        for line in lines[1:]:
+            assert line["key"] == "file" and line["value"]["encoding"] == "base64", line["key"]
+            repo["files"][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+        repo["revision"], repo["summary"] = revision, lines[0]["value"]["summary"]
+        oid = "a" * 40
+        pr = "create_pr" in query
+        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
+                     "pullRequestUrl": f"{self.url}/{repo_id}/discussions/1" if pr else None}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, exported, tmp_path):
+    import huggingface_hub.constants as constants
+
+    import dmil_hf.hub as hub
+
+    server = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # Keep what the client caches (agent registry, hf_xet logs) out of the user's Hugging Face home.
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "hf_home" / "xet"))
+    calls = []
+
+    def reuse_export(model_dir, output_dir, **kwargs):
+        # The module's real export (its fresh-process check already ran) stands in for a second one.
+        import shutil
+
+        calls.append(kwargs)
+        shutil.copytree(exported[0], output_dir)
+        hub.write_model_card(output_dir, repo_id=kwargs.get("repo_id"), revision=kwargs.get("revision"))
+        return dict(exported[1], output_dir=str(output_dir))
+
+    monkeypatch.setattr(hub, "export_model", reuse_export)
+    server.export_calls = calls
+    yield server
+    server.server.shutdown()
+
+
+def test_push_uploads_the_checked_export(fake_hub, exported, model_dir):
+    url = push_model(model_dir, "me/dmil-tiny", private=True, revision="v2", token="hf_fake")
+    assert url == f"{fake_hub.url}/me/dmil-tiny/commit/{'a' * 40}"
+    assert fake_hub.export_calls == [{"allow_pickle": False, "repo_id": "me/dmil-tiny", "revision": "v2"}]
+    repo = fake_hub.repos["me/dmil-tiny"]
+    assert repo["visibility"] == "private" and "v2" in repo["branches"] and repo["revision"] == "v2"
+    output, report = exported
+    assert set(repo["files"]) == set(report["files"])
+    for name, data in repo["files"].items():
+        if name != "README.md":
+            assert data == (output / name).read_bytes(), name
+    readme = repo["files"]["README.md"].decode()
+    assert 'repo = "me/dmil-tiny"' in readme and 'revision="v2"' in readme
+    assert ModelCard(readme).data.eval_results[0].metric_value == 0.8125
+    # huggingface_hub also GETs /api/agent-harnesses (its agent detection); the upload itself is these five POSTs.
+    posts = [r for r in fake_hub.requests if r["method"] == "POST"]
+    assert all(r["authorization"] == "Bearer hf_fake" for r in posts)
+    assert [r["path"] for r in posts] == [
+        "/api/repos/create", "/api/models/me/dmil-tiny/branch/v2", "/api/validate-yaml",
+        "/api/models/me/dmil-tiny/preupload/v2", "/api/models/me/dmil-tiny/commit/v2"]
+
+
+@pytest.mark.parametrize("xet", [True, False], ids=["xet-pipeline", "create-commit"])
+def test_push_create_pr(fake_hub, model_dir, monkeypatch, xet):
+    import huggingface_hub.constants as constants
+
+    # huggingface_hub takes a different upload path when hf_xet is installed: exercise both.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", not xet)
+    url = push_model(model_dir, "me/dmil-pr", create_pr=True, token="hf_fake", commit_message="Try it")
+    commit = [r for r in fake_hub.requests if r["method"] == "POST"][-1]
+    # Either a commit to the pull request's ref, or one that asks the Hub to open the pull request.
+    assert commit["path"] == "/api/models/me/dmil-pr/commit/refs/pr/1" or (
+        commit["path"] == "/api/models/me/dmil-pr/commit/main" and commit["query"] == {"create_pr": ["1"]})
+    assert fake_hub.repos["me/dmil-pr"]["summary"] == "Try it" and "/me/dmil-pr/commit/" in url
+    with pytest.raises(ValueError, match="pull request"):
+        push_model(model_dir, "me/dmil-pr", create_pr=True, revision="dev", token="hf_fake")
+
+
+def test_push_without_token_says_how_to_log_in(model_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(ValueError, match="hf auth login"):
+        push_model(model_dir, "me/dmil-tiny")
+    assert cli_main(["push", "--model", str(model_dir), "--repo-id", "me/dmil-tiny"]) == 2
+    assert "HF_TOKEN" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ safe loading
+
+
+@pytest.fixture
+def saved(tmp_path):
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    model.save_pretrained(tmp_path)
+    return tmp_path, model, tester
+
+
+def test_pickle_only_folder_refused_unless_allowed(saved):
+    path, model, tester = saved
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"only pickle weights \(pytorch_model.bin\).*allow_pickle=True"):
+        load_model(path)
+    reloaded = load_model(path, allow_pickle=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**tester.inputs()).logits, model(**tester.inputs()).logits)
+    with pytest.raises(ValueError, match="pickle"):
+        export_model(path, path.parent / "never-written")
+    assert not (path.parent / "never-written").exists()
+
+
+@pytest.mark.parametrize("damage", ["half", "last_bytes", "garbage", "empty"])
+def test_damaged_safetensors_named_in_error(saved, damage):
+    path = saved[0]
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"half": data[: len(data) // 2], "last_bytes": data[:-16], "garbage": os.urandom(4096),
+                         "empty": b""}[damage])
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        check_weights(path)
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        load_model(path)
