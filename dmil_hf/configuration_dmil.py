@@ -92,6 +92,8 @@ class DmilConfig(PretrainedConfig):
             the masked mean of `last_hidden_state`; `"mean"` always takes the mean; `"cls"` the first token.
         synergy_source (`str`, defaults to `"all"`): latents the synergy component is built from: `"irrelevant"`
             (the paper: task-irrelevant latents and their pairwise products) or `"all"` (task-relevant ones too).
+        synergy_gate_penalty (`float`, defaults to 0.1): price (stages 2-3) on the gate weight of the synergy
+            component, so the gate uses it only where the simpler components cannot explain the sample.
         dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
         lamb (`float`, defaults to 0.2): scale of every KL / alignment term.
         kl_scale (`float`, defaults to 0.1): extra factor inside the model on every KL.
@@ -131,6 +133,7 @@ class DmilConfig(PretrainedConfig):
         gate_hidden_size: int = 64,
         tower_pooling: str = "auto",
         synergy_source: str = "all",
+        synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,
         lamb: float = 0.2,
         kl_scale: float = 0.1,
@@ -142,12 +145,12 @@ class DmilConfig(PretrainedConfig):
         stage3_level2_scale: float = 0.4,
         stage3_component_weight: float = 0.8,
         stage3_reconstruction_weight: float = 0.01,
-        stage1_epochs: float = 10,
-        stage2_epochs: float = 5,
-        stage3_epochs: float = 5,
-        stage1_learning_rate: float = 1e-3,
-        stage2_learning_rate: float = 1e-3,
-        stage3_learning_rate: float = 1e-4,
+        stage1_epochs: float = 4,
+        stage2_epochs: float = 4,
+        stage3_epochs: float = 16,
+        stage1_learning_rate: float = 2e-3,
+        stage2_learning_rate: float = 2e-3,
+        stage3_learning_rate: float = 2e-3,
         optimizer: str = "adamw_torch",
         training_stage: int = 3,
         **kwargs,
@@ -182,6 +185,7 @@ class DmilConfig(PretrainedConfig):
         self.gate_hidden_size = int(gate_hidden_size)
         self.tower_pooling = tower_pooling
         self.synergy_source = synergy_source
+        self.synergy_gate_penalty = float(synergy_gate_penalty)
         self.dropout = float(dropout)
         self.lamb = float(lamb)
         self.kl_scale = float(kl_scale)

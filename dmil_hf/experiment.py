@@ -31,7 +31,7 @@ class RunSettings:
     stage_learning_rates: tuple | None = None
     epochs: float | None = None  # baselines; default: DMIL's total epochs
     learning_rate: float | None = None  # baselines
-    batch_size: int = 32
+    batch_size: int = 64
     seed: int = 0
     lora: bool = False
     resume: bool = False
@@ -42,10 +42,7 @@ class RunSettings:
     tower_pooling: str = "auto"
 
 
-# Defaults that suit the random towers and the built-in datasets (chosen on validation splits).
-DEFAULT_STAGE_EPOCHS = (12, 6, 6)
-DEFAULT_STAGE_LEARNING_RATES = (2e-3, 2e-3, 2e-4)
-DEFAULT_LEARNING_RATE = 2e-3
+DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in DmilConfig
 
 
 def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> Path:
@@ -74,8 +71,6 @@ def build_config(settings: RunSettings, schema, dsd, processor):
     vocab = len(processor.tokenizer) if processor is not None and "text" in random_towers else 1000
     channels = getattr(processor, "image_channels", None) or 1
     configs = tower_configs(random_towers, settings.towers, vocab_size=vocab, image_channels=channels)
-    epochs = settings.stage_epochs or DEFAULT_STAGE_EPOCHS
-    rates = settings.stage_learning_rates or DEFAULT_STAGE_LEARNING_RATES
     labels = schema.label_names if getattr(schema, "label_names", None) else [str(i) for i in range(schema.num_labels)]
     kwargs = dict(
         feature_modalities=dict(schema.feature_dims),
@@ -83,9 +78,11 @@ def build_config(settings: RunSettings, schema, dsd, processor):
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         tower_pooling=settings.tower_pooling,
-        stage1_epochs=epochs[0], stage2_epochs=epochs[1], stage3_epochs=epochs[2],
-        stage1_learning_rate=rates[0], stage2_learning_rate=rates[1], stage3_learning_rate=rates[2],
     )
+    if settings.stage_epochs:
+        kwargs.update({f"stage{k + 1}_epochs": e for k, e in enumerate(settings.stage_epochs)})
+    if settings.stage_learning_rates:
+        kwargs.update({f"stage{k + 1}_learning_rate": r for k, r in enumerate(settings.stage_learning_rates)})
     kwargs.update(settings.config_overrides)
     return configs, kwargs
 
@@ -188,7 +185,8 @@ def run_training(settings: RunSettings) -> dict:
     model = build_run_model(settings, schema, dsd, processor)
     if settings.lora:
         apply_lora(model)
-    total_epochs = sum(settings.stage_epochs or DEFAULT_STAGE_EPOCHS)
+    # Baselines train as long as DMIL's three stages together, unless told otherwise.
+    total_epochs = sum(getattr(model.config, f"stage{k}_epochs") for k in (1, 2, 3))
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,

@@ -586,6 +586,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * component_logits).sum(1), labels).mean()
             for i, m in enumerate(config.modalities):
                 terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
+            terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
             for k, name in enumerate(config.component_names):
                 terms[f"task_component_{name}"] = masked_mean(
                     self._task_loss(component_logits[:, k], labels), component_mask[:, k])
@@ -615,11 +616,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         components = sum(terms[f"task_component_{n}"] for n in config.component_names)
         if stage == 1:
             return unimodal + config.lamb * level1
+        # Parsimony: synergy sees every modality, so without a price the gate would route everything through it.
+        parsimony = config.synergy_gate_penalty * terms["gate_synergy"]
         if stage == 2:
-            return (terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
+            return (parsimony + terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
                     + config.stage2_component_weight * components)
         reconstruction = sum(terms[f"reconstruction_{m}"] for m in modalities) + rebuild_relevant
-        return (terms["task_gated"] + config.stage3_unimodal_weight * unimodal
+        return (parsimony + terms["task_gated"] + config.stage3_unimodal_weight * unimodal
                 + config.lamb * sum(kl_w[m] * terms[f"kl_level1_{m}"] for m in modalities)
                 + config.stage3_reconstruction_weight * reconstruction
                 + config.lamb * config.stage3_level2_scale * level2_kl

@@ -163,7 +163,7 @@ def test_lora_train_save_load_identical_logits(tmp_path):
 
 
 def test_two_process_accelerate_matches_one_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     script = str(SCRIPTS / "ddp_train.py")
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

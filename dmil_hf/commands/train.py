@@ -19,7 +19,7 @@ def add_parser(subparsers):
     p.add_argument("--stage-learning-rates", type=float, nargs=3, metavar=("S1", "S2", "S3"))
     p.add_argument("--epochs", type=float, help="baselines: epochs (default: DMIL's total)")
     p.add_argument("--learning-rate", type=float, help="baselines: learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="store_true", help="LoRA on the transformer towers; the head trains fully")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
