@@ -173,6 +173,8 @@ class DmilEncoders(nn.Module):
     def input_names(self, modality: str) -> tuple[str, ...]:
         """The keyword arguments the tower of `modality` accepts (without the prefix)."""
         tower = self.towers[modality]
+        # A LoRA-wrapped tower (peft) forwards **kwargs: read the signature of the model it wraps.
+        tower = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
         params = inspect.signature(tower.forward).parameters
         return tuple(name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
