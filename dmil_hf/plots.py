@@ -16,20 +16,21 @@ def _pyplot():
     return plt
 
 
-def plot_interaction_weights(weights, interactions, component_names, path, title="Per-sample interaction weights"):
-    """Box plots of each component's per-sample gate weight, one panel per ground-truth interaction type."""
+def plot_component_boxes(values, groups, component_names, path, title, ylabel, ylim=None):
+    """Box plots of each component's per-sample value (`values`: (N, components)), one panel per group."""
     plt = _pyplot()
-    weights, interactions = np.asarray(weights), np.asarray(interactions)
-    kinds = sorted(set(interactions.tolist()))
+    values, groups = np.asarray(values), np.asarray(groups)
+    kinds = sorted(set(groups.tolist()))
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.4), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        rows = weights[interactions == kind]
+        rows = values[groups == kind]
         ax.boxplot([rows[:, k] for k in range(len(component_names))], showfliers=False)
         ax.set_xticks(range(1, len(component_names) + 1), [n.replace("unique_", "U_") for n in component_names],
                       rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{kind} (n={len(rows)})", fontsize=9)
-        ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("gate weight")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -38,4 +39,9 @@ def plot_interaction_weights(weights, interactions, component_names, path, title
     return Path(path)
 
 
-__all__ = ["plot_interaction_weights"]
+def plot_interaction_weights(weights, interactions, component_names, path, title="Per-sample interaction weights"):
+    """Box plots of each component's per-sample gate weight, one panel per ground-truth interaction type."""
+    return plot_component_boxes(weights, interactions, component_names, path, title, "gate weight", ylim=(0, 1))
+
+
+__all__ = ["plot_component_boxes", "plot_interaction_weights"]

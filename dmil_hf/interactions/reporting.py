@@ -68,7 +68,7 @@ def plot_per_sample(per_sample: dict[str, np.ndarray], groups: Sequence[str] | N
         groups (`Sequence[str]`, *optional*): ground-truth interaction type of each sample.
         path (`str` or `Path`): where to write the PNG.
     """
-    from ..plots import _pyplot
+    from ..plots import plot_component_boxes
 
     components = [k for k in per_sample if k in ("redundancy", "synergy") or k.startswith("unique_")]
     components = components or list(per_sample)
@@ -76,22 +76,7 @@ def plot_per_sample(per_sample: dict[str, np.ndarray], groups: Sequence[str] | N
     groups = np.full(len(values), "all") if groups is None else np.asarray(list(groups))
     if len(groups) != len(values):
         raise ValueError(f"`groups` has {len(groups)} entries but `per_sample` has {len(values)} rows.")
-    plt = _pyplot()
-    kinds = np.unique(groups)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.4), sharey=True, squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        rows = values[groups == kind]
-        ax.boxplot([rows[:, k] for k in range(len(components))], showfliers=False)
-        ax.set_xticks(range(1, len(components) + 1), [c.replace("unique_", "U_") for c in components],
-                      rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{kind} (n={len(rows)})", fontsize=9)
-    axes[0][0].set_ylabel("bits")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return plot_component_boxes(values, groups, components, path, title, "bits")
 
 
 __all__ = ["make_compute_metrics", "plot_per_sample"]
