@@ -131,7 +131,7 @@ def test_report(logits: np.ndarray, labels: np.ndarray, interactions=None) -> di
     from transformers import EvalPrediction
 
     metrics = make_compute_metrics(interactions)(EvalPrediction(predictions=logits, label_ids=labels))
-    report = {k: float(v) for k, v in metrics.items() if "_" not in k or k.startswith("accuracy_") is False}
+    report = {k: float(v) for k, v in metrics.items() if not k.startswith("accuracy_")}
     if interactions is not None:
         report["by_interaction"] = {k[len("accuracy_"):]: float(v) for k, v in metrics.items()
                                     if k.startswith("accuracy_")}
