@@ -309,6 +309,15 @@ class DmilPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """
+        As [`PreTrainedModel.save_pretrained`], but the weights keep the towers' current (transformers 5) parameter
+        names: `save_original_format` defaults to `False` here. With the legacy names (e.g. ViT's
+        `attention.attention.query`), `Trainer`'s best-checkpoint reload and `--resume`, which load state dicts
+        key by key, would silently skip the renamed tower weights. `from_pretrained` reads both layouts.
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     def _init_weights(self, module):
         # Only DMIL's own layers reach here: transformers dispatches each pretrained tower to its own init.
         if isinstance(module, nn.Linear):

@@ -89,6 +89,19 @@ def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_bet
     return dataclasses.replace(args, **{k: v for k, v in overrides.items() if k in fields})
 
 
+def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
+    """Load `folder/model.safetensors` into `model` key for key; a missing or unexpected weight is an error."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(folder)!r} holds no model.safetensors to restore.")
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {str(path)!r} does not match the model: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]} (of {len(result.missing_keys)} and {len(result.unexpected_keys)})."
+        )
+
+
 def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
                  data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
                  greater_is_better: bool = True) -> list[dict]:
@@ -110,8 +123,7 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         if stage["stage"] is not None:
             model.set_training_stage(stage["stage"])
         if resume and done.exists():
-            state = load_file(str(stage_dir / "best" / "model.safetensors"))
-            model.load_state_dict(state, strict=False)
+            load_checkpoint_weights(model, stage_dir / "best")
             records.append(json.loads(done.read_text()))
             logger.info("Resume: %s already finished; reloaded its best checkpoint.", stage["name"])
             continue
@@ -128,6 +140,9 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             "epochs": stage["epochs"],
             "learning_rate": stage["learning_rate"],
         }
+        if trainer.state.best_model_checkpoint:
+            # Trainer reloads the best checkpoint non-strictly; check that every weight really came back.
+            load_checkpoint_weights(model, trainer.state.best_model_checkpoint)
         trainer.save_model(str(stage_dir / "best"))
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=2))

@@ -129,6 +129,36 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def tower_rows(tester, n=48):
+    inputs = tester.inputs(n)
+    return Dataset.from_dict({**{k: v.numpy() for k, v in inputs.items()},
+                              "labels": tester.labels(n).numpy()}).with_format("torch")
+
+
+def test_resume_equals_uninterrupted_with_transformer_towers(tmp_path):
+    """ViT and BERT towers: every tower weight must come back from the checkpoints (ViT's legacy parameter names
+    once made Trainer's best-checkpoint reload skip the vision tower silently)."""
+    tester = ModelTester(("text", "vision"))
+    config = tester.config(stage1_epochs=2, stage2_epochs=1, stage3_epochs=1)
+    rows = tower_rows(tester)
+    torch.manual_seed(0)
+    reference = DmilForMultimodalClassification(config)
+    train_staged(reference, args_for(tmp_path / "full"), rows, rows, compute_metrics=make_compute_metrics())
+    torch.manual_seed(0)
+    interrupted = DmilForMultimodalClassification(config)
+    with pytest.raises(KeyboardInterrupt):  # 3 steps per epoch: crash in stage 1's second epoch
+        train_staged(interrupted, args_for(tmp_path / "resumed"), rows, rows, compute_metrics=make_compute_metrics(),
+                     callbacks=[CrashAt("stage1", 4)])
+    torch.manual_seed(123)
+    resumed = DmilForMultimodalClassification(config)
+    train_staged(resumed, args_for(tmp_path / "resumed"), rows, rows, compute_metrics=make_compute_metrics(),
+                 resume=True)
+    for (name, p), (_, q) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    saved = load_file(str(tmp_path / "full" / "stage1" / "best" / "model.safetensors"))
+    assert any(".towers.vision." in k for k in saved) and set(saved) <= set(reference.state_dict())
+
+
 def test_lora_train_save_load_identical_logits(tmp_path):
     tester = ModelTester(("text", "vision"), batch_size=24)
     config = tester.config(stage1_epochs=1, stage2_epochs=0, stage3_epochs=1)
