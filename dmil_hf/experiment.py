@@ -40,6 +40,9 @@ class RunSettings:
     dataset_kwargs: dict = field(default_factory=dict)
     config_overrides: dict = field(default_factory=dict)
     tower_pooling: str = "auto"
+    push_to_hub: bool = False  # push the finished run (exported, checked, with its card) to `hub_model_id`
+    hub_model_id: str | None = None
+    hub_private: bool = False
 
 
 DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in DmilConfig
@@ -173,6 +176,10 @@ def run_training(settings: RunSettings) -> dict:
 
     if settings.method not in METHODS:
         raise ValueError(f"method {settings.method!r} is unknown; expected one of {list(METHODS)}.")
+    if settings.push_to_hub:  # fail before training, not after it
+        from .hub import check_push_target
+
+        check_push_target(settings.hub_model_id)
     state = PartialState()
     output_dir = Path(settings.output_dir)
     if state.is_main_process:
@@ -236,6 +243,10 @@ def run_training(settings: RunSettings) -> dict:
                                  model.config.component_names, output_dir / "interaction_weights.png")
     # The per-epoch checkpoints only serve --resume; a finished run keeps its final model, not them.
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    if settings.push_to_hub:
+        from .hub import push_model
+
+        metrics["hub_commit_url"] = push_model(output_dir, settings.hub_model_id, private=settings.hub_private)
     return metrics
 
 

@@ -730,6 +730,22 @@ def export_model(model_dir, output_dir, overwrite: bool = False, allow_pickle: b
 # ------------------------------------------------------------------------------------------------ push
 
 
+def check_push_target(repo_id, token: str | None = None, create_pr: bool = False,
+                      revision: str | None = None) -> str:
+    """Validate a push before any work is done (a training run checks this first); returns the token to use."""
+    from huggingface_hub import get_token
+
+    if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
+        raise ValueError(f"repo_id {repo_id!r} must look like 'user/name' or 'org/name'.")
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"create_pr=True opens a pull request against the default branch; revision {revision!r} "
+                         "cannot be combined with it.")
+    token = token or get_token()
+    if token is None:
+        raise ValueError("no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token= (--token).")
+    return token
+
+
 def push_model(model_dir, repo_id: str, private: bool = False, create_pr: bool = False, revision: str | None = None,
                token: str | None = None, commit_message: str | None = None, allow_pickle: bool = False) -> str:
     """
@@ -749,16 +765,9 @@ def push_model(model_dir, repo_id: str, private: bool = False, create_pr: bool =
     Returns:
         The URL of the commit.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
-    if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
-        raise ValueError(f"repo_id {repo_id!r} must look like 'user/name' or 'org/name'.")
-    if create_pr and revision not in (None, "main"):
-        raise ValueError(f"create_pr=True opens a pull request against the default branch; revision {revision!r} "
-                         "cannot be combined with it.")
-    token = token or get_token()
-    if token is None:
-        raise ValueError("no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token= (--token).")
+    token = check_push_target(repo_id, token, create_pr, revision)
     with tempfile.TemporaryDirectory(prefix="dmil-push-") as tmp:
         folder = Path(tmp) / repo_id.split("/")[-1]
         report = export_model(model_dir, folder, allow_pickle=allow_pickle, repo_id=repo_id, revision=revision)
@@ -782,6 +791,7 @@ __all__ = [
     "PAPER_CITATION",
     "TEMPLATE_PATH",
     "check_inputs",
+    "check_push_target",
     "export_model",
     "push_model",
     "render_model_card",

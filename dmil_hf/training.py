@@ -81,6 +81,7 @@ def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_bet
         save_total_limit=2,
         remove_unused_columns=False,
         logging_dir=None,
+        push_to_hub=False,  # stages never push their checkpoints; the finished model is pushed once, exported
     )
     override_norm = getattr(model, "max_grad_norm_override", None)
     if override_norm is not None:  # e.g. the ensemble: clipping jointly would couple independent models
@@ -104,7 +105,7 @@ def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
 
 def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
                  data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
-                 greater_is_better: bool = True) -> list[dict]:
+                 greater_is_better: bool = True, processor=None) -> list[dict]:
     """
     Train `model` stage by stage (DMIL) or in one run (baselines), restoring the best validation checkpoint at the end
     of every stage. Returns one record per stage (`stage`, `best_metric`, `best_checkpoint`, `train_seconds`).
@@ -115,7 +116,16 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             from the model config's stage presets (DMIL) or from `args` (others).
         resume: continue an interrupted run from `args.output_dir` (finished stages are reloaded, not re-run).
         metric / greater_is_better: the validation metric (from `compute_metrics`) that picks each stage's best.
+        processor: saved beside the final model when `args.push_to_hub` is set.
+
+    With `args.push_to_hub=True` (and `args.hub_model_id`), the finished model is saved to `args.output_dir/final` and
+    pushed with [`dmil_hf.hub.push_model`]: exported with its remote code and model card, reloaded in a fresh process
+    and checked, then uploaded as one commit (`hub_private_repo`, `hub_revision` and `hub_token` are honoured).
     """
+    if args.push_to_hub:
+        from .hub import check_push_target
+
+        check_push_target(args.hub_model_id, args.hub_token, revision=args.hub_revision)
     records = []
     for stage in stage_plan(model, args):
         stage_dir = Path(args.output_dir) / stage["name"]
@@ -147,7 +157,26 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=2))
         records.append(record)
+    if args.push_to_hub:
+        push_trained_model(model, args, processor)
     return records
+
+
+def push_trained_model(model, args: TrainingArguments, processor=None) -> str | None:
+    """Save `model` (and `processor`) to `args.output_dir/final` and push it to `args.hub_model_id`; main process only.
+    Returns the commit URL (None on other processes)."""
+    from accelerate import PartialState
+
+    from .hub import push_model
+
+    if not PartialState().is_main_process:
+        return None
+    folder = Path(args.output_dir) / "final"
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    return push_model(folder, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
+                      token=args.hub_token)
 
 
 # --- LoRA on the towers ------------------------------------------------------------------------------------------

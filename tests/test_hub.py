@@ -284,10 +284,9 @@ class FakeHub:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch, exported, tmp_path):
+def hub_server(monkeypatch, tmp_path):
+    """A `FakeHub` that huggingface_hub talks to instead of the real Hub."""
     import huggingface_hub.constants as constants
-
-    import dmil_hf.hub as hub
 
     server = FakeHub()
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
@@ -296,6 +295,15 @@ def fake_hub(monkeypatch, exported, tmp_path):
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "hf_home" / "xet"))
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, exported, hub_server):
+    import dmil_hf.hub as hub
+
+    server = hub_server
     calls = []
 
     def reuse_export(model_dir, output_dir, **kwargs):
@@ -309,8 +317,7 @@ def fake_hub(monkeypatch, exported, tmp_path):
 
     monkeypatch.setattr(hub, "export_model", reuse_export)
     server.export_calls = calls
-    yield server
-    server.server.shutdown()
+    return server
 
 
 def test_push_uploads_the_checked_export(fake_hub, exported, model_dir):
@@ -349,6 +356,56 @@ def test_push_create_pr(fake_hub, model_dir, monkeypatch, xet):
     assert fake_hub.repos["me/dmil-pr"]["summary"] == "Try it" and "/me/dmil-pr/commit/" in url
     with pytest.raises(ValueError, match="pull request"):
         push_model(model_dir, "me/dmil-pr", create_pr=True, revision="dev", token="hf_fake")
+
+
+def test_trainer_push_to_hub_uploads_the_trained_model(hub_server, tmp_path):
+    """`TrainingArguments(push_to_hub=True)` through `train_staged`: one exported, checked commit of the final model."""
+    from datasets import Dataset
+    from safetensors.torch import load as load_safetensors
+    from transformers import TrainingArguments
+
+    from dmil_hf.interactions import make_compute_metrics
+    from dmil_hf.training import train_staged
+
+    tester = ModelTester(("text", "vision"))
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config(stage1_epochs=1, stage2_epochs=0, stage3_epochs=0))
+    inputs = tester.inputs(16)
+    rows = Dataset.from_dict({**{k: v.numpy() for k, v in inputs.items()},
+                              "labels": tester.labels(16).numpy()}).with_format("torch")
+    tokenizer = train_text_tokenizer(["a cat sat on the mat", "the dog barks"] * 5, vocab_size=VOCAB)
+    processor = DmilProcessor(tokenizer=tokenizer, image_processor=image_processor(num_channels=3))
+    args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=8, report_to="none", use_cpu=True,
+                             disable_tqdm=True, push_to_hub=True, hub_model_id="me/dmil-trained",
+                             hub_private_repo=True, hub_token="hf_fake")
+    train_staged(model, args, rows, rows, compute_metrics=make_compute_metrics(), processor=processor)
+    repo = hub_server.repos["me/dmil-trained"]
+    assert repo["visibility"] == "private"
+    assert {"config.json", "model.safetensors", "README.md", "modeling_dmil.py", "configuration_dmil.py",
+            "processor_config.json"} <= set(repo["files"]), sorted(repo["files"])
+    uploaded = load_safetensors(repo["files"]["model.safetensors"])
+    state = model.state_dict()
+    assert set(uploaded) == set(state) and all(torch.equal(uploaded[k], state[k]) for k in state)
+    assert "auto_map" in json.loads(repo["files"]["config.json"])
+    assert not any(name.startswith(("stage1/", "checkpoint")) for name in repo["files"])
+
+
+def test_trainer_push_to_hub_checks_the_target_before_training(tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    import huggingface_hub.constants as constants
+    from dmil_hf.training import train_staged
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    model = DmilForMultimodalClassification(ModelTester(("text", "vision")).config())
+    for hub_id, message in (("me/x", "hf auth login"), (None, "user/name")):
+        args = TrainingArguments(str(tmp_path / "run"), report_to="none", use_cpu=True, push_to_hub=True,
+                                 hub_model_id=hub_id)
+        with pytest.raises(ValueError, match=message):
+            train_staged(model, args, None, None)
+    assert not (tmp_path / "run" / "stage1").exists()
 
 
 def test_push_without_token_says_how_to_log_in(model_dir, tmp_path, monkeypatch, capsys):

@@ -24,6 +24,10 @@ def add_parser(subparsers):
     p.add_argument("--lora", action="store_true", help="LoRA on the transformer towers; the head trains fully")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--push-to-hub", action="store_true",
+                   help="push the finished model (exported with remote code and card) to --hub-model-id")
+    p.add_argument("--hub-model-id", help="user/name or org/name on the Hub")
+    p.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
     p.add_argument("--report-to", default="none", help="passed to Trainer: none, tensorboard, ...")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="argument for a built-in dataset builder, e.g. num_samples=600 (JSON values)")
@@ -57,9 +61,12 @@ def run(args) -> int:
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
         lora=args.lora, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         dataset_kwargs=parse_key_values(args.dataset_arg), tower_pooling=args.pooling,
-        config_overrides=parse_key_values(args.config_arg),
+        config_overrides=parse_key_values(args.config_arg), push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id, hub_private=args.hub_private,
     )
     metrics = run_training(settings)
     if metrics:
         print(json.dumps({"test": metrics["test"], "train_seconds": round(metrics["train_seconds"], 1)}, indent=2))
+        if metrics.get("hub_commit_url"):
+            print(f"Pushed to the Hub: {metrics['hub_commit_url']}")
     return 0
