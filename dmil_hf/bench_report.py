@@ -56,7 +56,10 @@ def render_markdown(results: dict) -> str:
     summary = results["summary"]
     lines = [f"# DMIL benchmark ({results['mode']} run, {results['towers']} towers, {results['seeds']} seed(s))", "",
              "Mean ± std over seeds. Accuracies in %. Command: "
-             f"`dmil bench{' --quick' if results['mode'] == 'quick' else ''} --seeds {results['seeds']}`.", ""]
+             f"`dmil bench{' --quick' if results['mode'] == 'quick' else ''} --seeds {results['seeds']}"
+             f"{' --jobs ' + str(results['jobs']) if results.get('jobs', 1) > 1 else ''}`"
+             + (" (training times are under the shared load of parallel runs)." if results.get("jobs", 1) > 1 else "."),
+             ""]
     for dataset, methods in summary.items():
         first = next(iter(methods.values()))
         kinds = sorted(first["by_interaction"])

@@ -88,8 +88,11 @@ class DmilConfig(PretrainedConfig):
         latent_size (`int`, defaults to 32): width of every latent (task-relevant/-irrelevant, R, U, S).
         feature_hidden_size (`int`, defaults to 128): hidden width of the built-in feature towers.
         gate_hidden_size (`int`, defaults to 64): hidden width of the per-sample gate.
-        tower_pooling (`str`, defaults to `"auto"`): `"auto"` uses `pooler_output` when a tower has one, else
-            the masked mean of `last_hidden_state`; `"mean"` always takes the mean; `"cls"` the first token.
+        tower_pooling (`str`, defaults to `"mean"`): `"mean"` takes the masked mean of `last_hidden_state`
+            (spatial mean for convolutional towers); `"auto"` uses `pooler_output` when a tower has one, else the
+            mean; `"cls"` the first token. The mean is the default because it trains randomly initialised towers far
+            faster than a fresh CLS pooler (on `digits`, joint learning's unique-vision accuracy went from near
+            chance to about a third in the same epochs) and suits sentence-embedding checkpoints such as MiniLM.
         synergy_source (`str`, defaults to `"all"`): latents the synergy component is built from: `"irrelevant"`
             (the paper: task-irrelevant latents and their pairwise products) or `"all"` (task-relevant ones too).
         synergy_gate_penalty (`float`, defaults to 0.1): price (stages 2-3) on the gate weight of the synergy
@@ -131,7 +134,7 @@ class DmilConfig(PretrainedConfig):
         latent_size: int = 32,
         feature_hidden_size: int = 128,
         gate_hidden_size: int = 64,
-        tower_pooling: str = "auto",
+        tower_pooling: str = "mean",
         synergy_source: str = "all",
         synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,

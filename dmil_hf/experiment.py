@@ -39,7 +39,7 @@ class RunSettings:
     report_to: str = "none"
     dataset_kwargs: dict = field(default_factory=dict)
     config_overrides: dict = field(default_factory=dict)
-    tower_pooling: str = "auto"
+    tower_pooling: str = "mean"
     push_to_hub: bool = False  # push the finished run (exported, checked, with its card) to `hub_model_id`
     hub_model_id: str | None = None
     hub_private: bool = False

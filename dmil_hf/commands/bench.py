@@ -14,6 +14,8 @@ def add_parser(subparsers):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--towers", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once, each with an equal share of the cores (train times are then shared-load times)")
     p.set_defaults(func=run)
     return p
 
@@ -21,7 +23,8 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..bench import run_benchmark
 
-    results = run_benchmark(args.output_dir, args.datasets, args.methods, args.seeds, args.quick, args.towers)
+    results = run_benchmark(args.output_dir, args.datasets, args.methods, args.seeds, args.quick, args.towers,
+                            args.jobs)
     from pathlib import Path
 
     print((Path(args.output_dir) / "results.md").read_text())

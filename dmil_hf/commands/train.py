@@ -14,7 +14,7 @@ def add_parser(subparsers):
     for modality in ("text", "vision", "audio"):
         p.add_argument(f"--{modality}-model", default=None,
                        help=f"pretrained {modality} tower: hub id or local folder (replaces the random one)")
-    p.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls"], help="how tower outputs are pooled")
+    p.add_argument("--pooling", default="mean", choices=["auto", "mean", "cls"], help="how tower outputs are pooled")
     p.add_argument("--stage-epochs", type=float, nargs=3, metavar=("S1", "S2", "S3"), help="DMIL epochs per stage")
     p.add_argument("--stage-learning-rates", type=float, nargs=3, metavar=("S1", "S2", "S3"))
     p.add_argument("--epochs", type=float, help="baselines: epochs (default: DMIL's total)")

@@ -1,0 +1,82 @@
+"""dmil bench: the mean ± std summary, the report's tables and target checks, and one small real run."""
+
+import json
+
+import pytest
+
+from dmil_hf import bench
+from dmil_hf.bench import run_benchmark, summarize
+from dmil_hf.bench_report import check_targets, render_markdown, render_plots
+
+
+def fake_run(method, seed, overall, synergy, degraded, profile=None):
+    run = {"dataset": "synthetic", "method": method, "seed": seed,
+           "test": {"accuracy": overall, "by_interaction": {"redundancy": 0.9, "synergy": synergy}, "n": 100},
+           "degraded": {"missing_a": degraded}, "train_seconds": 10.0 + seed, "peak_memory_mb": 500.0,
+           "latency_ms_per_batch64": 2.0, "parameters": 1234, "num_labels": 4,
+           "bayes_accuracy": {"overall": 0.96, "redundancy": 1.0, "synergy": 0.9}}
+    if profile:
+        run["interaction_profile"] = profile
+    return run
+
+
+PROFILE = {"redundancy": {"redundancy": 0.7, "synergy": 0.3}, "synergy": {"redundancy": 0.6, "synergy": 0.4}}
+
+
+def runs():
+    return [fake_run("dmil", 0, 0.90, 0.70, 0.80, PROFILE), fake_run("dmil", 1, 0.94, 0.74, 0.84, PROFILE),
+            fake_run("joint", 0, 0.86, 0.72, 0.70), fake_run("joint", 1, 0.88, 0.76, 0.72),
+            fake_run("ensemble", 0, 0.70, 0.26, 0.60), fake_run("ensemble", 1, 0.72, 0.28, 0.62)]
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    summary = summarize(runs())["synthetic"]
+    assert list(summary) == ["dmil", "joint", "ensemble"]
+    assert summary["dmil"]["accuracy"]["mean"] == pytest.approx(0.92)
+    assert summary["dmil"]["accuracy"]["std"] == pytest.approx(0.02)
+    assert summary["joint"]["by_interaction"]["synergy"]["mean"] == pytest.approx(0.74)
+    assert summary["ensemble"]["degraded"]["missing_a"]["mean"] == pytest.approx(0.61)
+    assert summary["dmil"]["train_seconds"]["mean"] == pytest.approx(10.5)
+
+
+def test_targets_are_checked_with_their_margins():
+    checks = {name.split(": ", 1)[1]: (ok, detail) for name, ok, detail in check_targets(summarize(runs()))}
+    overall = next(v for k, v in checks.items() if k.startswith("DMIL ≥ best baseline (joint)"))
+    assert overall == (True, "+5.0 points")
+    worst = next(v for k, v in checks.items() if k.startswith("DMIL never"))
+    assert worst == (False, "worst: synergy -2.0 points")
+    ensemble = next(v for k, v in checks.items() if k.startswith("ensemble near chance"))
+    assert ensemble[0] is True and "27.0%" in ensemble[1]
+    bayes = next(v for k, v in checks.items() if k.startswith("DMIL within 3 points"))
+    assert bayes == (False, "4.0 points below")
+    gate = next(v for k, v in checks.items() if k.startswith("DMIL's largest gate weight"))
+    assert gate == (False, "mismatched: synergy")
+
+
+def test_report_and_plots(tmp_path):
+    results = {"mode": "full", "towers": "tiny", "seeds": 2, "jobs": 2, "runs": runs(), "summary": summarize(runs())}
+    text = render_markdown(results)
+    assert "`dmil bench --seeds 2 --jobs 2`" in text
+    assert "| **dmil** | 92.0 ± 2.0 | 90.0 ± 0.0 | 72.0 ± 2.0 |" in text
+    assert "- [x] synthetic: DMIL ≥ best baseline (joint) + 2 points overall: +5.0 points" in text
+    assert "- [ ] synthetic: DMIL never > 1 point below" in text
+    [path] = render_plots(results, tmp_path)
+    assert path.name == "accuracy_synthetic.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
+    """Two methods on a small `synthetic`, trained two at a time in `dmil train` subprocesses."""
+    small = {"dataset_kwargs": {"synthetic": {"num_samples": 300, "bayes_samples": 2000}}, "stage_epochs": (2, 1, 1),
+             "seeds": 1}
+    monkeypatch.setitem(bench.PRESETS, "quick", small)
+    results = run_benchmark(tmp_path, datasets=["synthetic"], methods=["dmil", "ensemble"], quick=True, jobs=2)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("dmil", 0), ("ensemble", 0)]
+    for run in saved["runs"]:
+        assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["test"]["n"] == 45
+        assert set(run["degraded"]) == {"missing_a", "missing_b", "noise_a", "noise_b"}
+        assert run["parameters"] > 0 and run["latency_ms_per_batch64"] > 0 and run["peak_memory_mb"] > 0
+    assert "interaction_profile" in saved["runs"][0] and "interaction_profile" not in saved["runs"][1]
+    assert results["summary"]["synthetic"]["dmil"]["accuracy"]["std"] == 0.0
+    assert "## synthetic" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "accuracy_synthetic.png").exists()
