@@ -93,8 +93,12 @@ class DmilConfig(PretrainedConfig):
             mean; `"cls"` the first token. The mean is the default because it trains randomly initialised towers far
             faster than a fresh CLS pooler (on `digits`, joint learning's unique-vision accuracy went from near
             chance to about a third in the same epochs) and suits sentence-embedding checkpoints such as MiniLM.
-        synergy_source (`str`, defaults to `"all"`): latents the synergy component is built from: `"irrelevant"`
-            (the paper: task-irrelevant latents and their pairwise products) or `"all"` (task-relevant ones too).
+        synergy_source (`str`, defaults to `"embeddings"`): what the synergy component is built from (each
+            modality's vector and the pairwise element-wise products): `"irrelevant"` (the paper: the task-irrelevant
+            latents), `"all"` (task-relevant latents too) or `"embeddings"` (the projected tower embeddings, before
+            any bottleneck). On `synthetic` (validation split, 4/4/16 epochs), DMIL's synergy accuracy was 0.52 with
+            `"all"` and 0.92 with `"embeddings"`: the variational bottlenecks keep what each modality predicts alone and drop
+            the fine detail that only matters in combination.
         synergy_gate_penalty (`float`, defaults to 0.1): price (stages 2-3) on the gate weight of the synergy
             component, so the gate uses it only where the simpler components cannot explain the sample.
         dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
@@ -106,7 +110,8 @@ class DmilConfig(PretrainedConfig):
         stage3_unimodal_weight, stage3_level2_scale, stage3_component_weight, stage3_reconstruction_weight:
             stage-3 weights (0.5, 0.4, 0.8, 0.01).
         stage1_epochs / stage2_epochs / stage3_epochs, stage1_learning_rate / ...: the schedule presets used by
-            `dmil_hf.training` (AdamW by default, suited to pretrained transformers).
+            `dmil_hf.training` (12 / 4 / 8 epochs at 2e-3, AdamW). Stage 1 is the longest because it is where each
+            tower learns from its own unimodal loss; stage 2 has the towers frozen, and stage 3 fine-tunes everything.
         training_stage (`int`, defaults to 3): the stage the forward pass computes losses for; stage 1 predicts
             with the mean of the unimodal heads, stages 2 and 3 with the gated components.
     """
@@ -135,7 +140,7 @@ class DmilConfig(PretrainedConfig):
         feature_hidden_size: int = 128,
         gate_hidden_size: int = 64,
         tower_pooling: str = "mean",
-        synergy_source: str = "all",
+        synergy_source: str = "embeddings",
         synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,
         lamb: float = 0.2,
@@ -148,9 +153,9 @@ class DmilConfig(PretrainedConfig):
         stage3_level2_scale: float = 0.4,
         stage3_component_weight: float = 0.8,
         stage3_reconstruction_weight: float = 0.01,
-        stage1_epochs: float = 4,
+        stage1_epochs: float = 12,
         stage2_epochs: float = 4,
-        stage3_epochs: float = 16,
+        stage3_epochs: float = 8,
         stage1_learning_rate: float = 2e-3,
         stage2_learning_rate: float = 2e-3,
         stage3_learning_rate: float = 2e-3,
@@ -174,8 +179,8 @@ class DmilConfig(PretrainedConfig):
                 raise ValueError(f"feature modality {name!r} has input width {dim}; expected a positive integer.")
         if tower_pooling not in ("auto", "mean", "cls"):
             raise ValueError(f"`tower_pooling` is {tower_pooling!r}; expected 'auto', 'mean' or 'cls'.")
-        if synergy_source not in ("all", "irrelevant"):
-            raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all' or 'irrelevant'.")
+        if synergy_source not in ("all", "irrelevant", "embeddings"):
+            raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all', 'irrelevant' or 'embeddings'.")
         if training_stage not in (1, 2, 3):
             raise ValueError(f"`training_stage` is {training_stage!r}; expected 1, 2 or 3.")
         for field, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
