@@ -110,8 +110,8 @@ class DmilConfig(PretrainedConfig):
         stage3_unimodal_weight, stage3_level2_scale, stage3_component_weight, stage3_reconstruction_weight:
             stage-3 weights (0.5, 0.4, 0.8, 0.01).
         stage1_epochs / stage2_epochs / stage3_epochs, stage1_learning_rate / ...: the schedule presets used by
-            `dmil_hf.training` (12 / 4 / 8 epochs at 2e-3, AdamW). Stage 1 is the longest because it is where each
-            tower learns from its own unimodal loss; stage 2 has the towers frozen, and stage 3 fine-tunes everything.
+            `dmil_hf.training` (4 / 4 / 16 epochs at 2e-3, AdamW). Stage 3 is the longest: it trains the towers
+            with every loss at once (the unimodal ones included), which synergy needs; stage 2 has them frozen.
         training_stage (`int`, defaults to 3): the stage the forward pass computes losses for; stage 1 predicts
             with the mean of the unimodal heads, stages 2 and 3 with the gated components.
     """
@@ -153,9 +153,9 @@ class DmilConfig(PretrainedConfig):
         stage3_level2_scale: float = 0.4,
         stage3_component_weight: float = 0.8,
         stage3_reconstruction_weight: float = 0.01,
-        stage1_epochs: float = 12,
+        stage1_epochs: float = 4,
         stage2_epochs: float = 4,
-        stage3_epochs: float = 8,
+        stage3_epochs: float = 16,
         stage1_learning_rate: float = 2e-3,
         stage2_learning_rate: float = 2e-3,
         stage3_learning_rate: float = 2e-3,

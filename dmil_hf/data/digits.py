@@ -238,7 +238,7 @@ def _render(plan, rng, images, clips, noise, image_size):
     return pixels, np.clip(audio, -1.0, 1.0)
 
 
-def make_digits(num_samples: int = 2000, seed: int = 0, cache_dir=None, mixture: dict | None = None,
+def make_digits(num_samples: int = 4000, seed: int = 0, cache_dir=None, mixture: dict | None = None,
                 noise: float = 0.05, image_size: int = 16, validation_fraction: float = 0.15,
                 test_fraction: float = 0.15) -> DatasetDict:
     """
