@@ -96,11 +96,12 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
 
     from . import DmilConfig
     from .baselines import build_model
+    from .pretrained import resolve_pretrained
 
     configs, kwargs = build_config(settings, schema, dsd, processor)
     towers = {}
     for modality, source in settings.pretrained.items():
-        tower = AutoModel.from_pretrained(source)
+        tower = AutoModel.from_pretrained(resolve_pretrained(source))
         towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
         configs[f"{modality}_config"] = towers[modality].config
     torch.manual_seed(settings.seed)

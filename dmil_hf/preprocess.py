@@ -29,7 +29,9 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
     (modality -> hub id or folder), random-tower presets for the rest; `None` when only feature modalities exist."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
-    pretrained = pretrained or {}
+    from .pretrained import resolve_pretrained
+
+    pretrained = {modality: resolve_pretrained(source) for modality, source in (pretrained or {}).items()}
     parts = {}
     if "text" in modalities:
         parts["tokenizer"] = (AutoTokenizer.from_pretrained(pretrained["text"]) if "text" in pretrained

@@ -13,7 +13,8 @@ def add_parser(subparsers):
     p.add_argument("--towers", default="tiny", choices=["tiny", "small"], help="size of randomly initialised towers")
     for modality in ("text", "vision", "audio"):
         p.add_argument(f"--{modality}-model", default=None,
-                       help=f"pretrained {modality} tower: hub id or local folder (replaces the random one)")
+                       help=f"pretrained {modality} tower: hub id or local folder (replaces the random one); offline "
+                            "aliases from the 'pretrained' extra: all-minilm-l6-v2 (text), whisper-tiny.en (audio)")
     p.add_argument("--pooling", default="mean", choices=["auto", "mean", "cls"], help="how tower outputs are pooled")
     p.add_argument("--stage-epochs", type=float, nargs=3, metavar=("S1", "S2", "S3"), help="DMIL epochs per stage")
     p.add_argument("--stage-learning-rates", type=float, nargs=3, metavar=("S1", "S2", "S3"))
