@@ -7,6 +7,7 @@ numbers), `results.md` (mean ± std tables and the targets) and PNG plots.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -54,18 +55,26 @@ def _train(dataset, method, seed, run_dir, preset, towers, threads=None, python=
     return metrics
 
 
+@functools.lru_cache(maxsize=2)
+def _load_dataset(dataset: str, kwargs_json: str):
+    """Each built-in dataset is built once for all the runs measured on it."""
+    from .data import load_dataset_from_name_or_path
+
+    return load_dataset_from_name_or_path(dataset, **json.loads(kwargs_json))
+
+
 def _measure(run_dir, dataset, preset) -> dict:
     """Degraded-set accuracies, inference latency per batch of 64, parameter count, interaction profile."""
     import torch
     from transformers import AutoProcessor
 
-    from .data import dataset_metadata, degraded_test_sets, load_dataset_from_name_or_path
+    from .data import dataset_metadata, degraded_test_sets
     from .experiment import evaluate_model
     from .loading import load_model
     from .preprocess import encode_split
 
     model = load_model(run_dir).eval()
-    dsd = load_dataset_from_name_or_path(dataset, **preset["dataset_kwargs"].get(dataset, {}))
+    dsd = _load_dataset(dataset, json.dumps(preset["dataset_kwargs"].get(dataset, {}), sort_keys=True))
     towers = any(model.config.tower_config(m) is not None for m in model.config.modalities)
     processor = AutoProcessor.from_pretrained(run_dir) if towers else None
     out = {"degraded": {}, "parameters": sum(p.numel() for p in model.parameters()),
