@@ -38,6 +38,23 @@ def test_forward_backward_shapes(tester):
     assert all(g is not None for g in grads[:5]) and torch.isfinite(out.loss)
 
 
+def test_tower_blocks_are_surfaced_for_device_maps_and_fsdp(trimodal):
+    """The towers' `_no_split_modules` reach the top model (transformers only looks at direct children), limited to
+    classes that occur (FSDP's transformer auto-wrap rejects a class name that is not in the model)."""
+    model = DmilForMultimodalClassification(trimodal.config())
+    assert set(model._no_split_modules) == {"BertEmbeddings", "BertLayer", "ViTEmbeddings", "ViTLayer",
+                                            "WhisperEncoderLayer"}
+    present = {type(m).__name__ for m in model.modules()}
+    assert set(model._no_split_modules) <= present
+    # accelerate's FSDP transformer auto-wrap (examples/accelerate/fsdp.yaml names no classes) resolves them all.
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert wrapped == set(model._no_split_modules)
+
+
 def test_save_reload_identical_outputs(tester, tmp_path):
     model = DmilForMultimodalClassification(tester.config()).eval()
     inputs = tester.inputs()
