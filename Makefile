@@ -29,10 +29,10 @@ test: install
 	$(PY) -m pytest tests
 
 bench-quick: install
-	$(VENV)/bin/dmil bench --quick --output-dir runs/bench-quick
+	$(VENV)/bin/dmil bench --quick --jobs 2 --output-dir runs/bench-quick
 
 bench: install
-	$(VENV)/bin/dmil bench --output-dir runs/bench
+	$(VENV)/bin/dmil bench --jobs 2 --output-dir runs/bench
 
 profile: install
 	$(VENV)/bin/dmil profile --output runs/profile.json
