@@ -173,11 +173,12 @@ class DmilEncoders(nn.Module):
         # transformers gathers these from a model's direct children only: lift them from the nested towers, so
         # device_map="auto" and FSDP's auto-wrap policy know which tower blocks must stay whole. Only classes that
         # occur are kept (a Whisper encoder inherits "WhisperDecoderLayer", which accelerate's FSDP would reject).
+        def lifted(attribute):
+            return {name for tower in self.towers.values() for name in (getattr(tower, attribute, None) or ())}
+
         present = {type(module).__name__ for tower in self.towers.values() for module in tower.modules()}
-        self._no_split_modules = sorted({name for tower in self.towers.values()
-                                         for name in (getattr(tower, "_no_split_modules", None) or ())} & present)
-        self._keep_in_fp32_modules = sorted({name for tower in self.towers.values()
-                                             for name in (getattr(tower, "_keep_in_fp32_modules", None) or ())})
+        self._no_split_modules = sorted(lifted("_no_split_modules") & present)
+        self._keep_in_fp32_modules = sorted(lifted("_keep_in_fp32_modules"))
         self.projections = nn.ModuleDict({
             m: nn.Sequential(nn.Linear(widths[m], config.hidden_size), nn.LayerNorm(config.hidden_size))
             for m in self.modalities

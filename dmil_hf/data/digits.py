@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict
 
+from ..pretrained import cache_root
 from ._build import assemble, mixture_shares, split_sizes, type_sequence
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -77,8 +78,7 @@ TEMPLATES = {
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DMIL_HF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmil_hf")
-    return Path(root) / "espeak"
+    return cache_root() / "espeak"
 
 
 # -------------------------------------------------------------------- audio: espeak-ng clips, cached
