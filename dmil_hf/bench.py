@@ -1,8 +1,9 @@
-"""The comparison benchmark: every method on every dataset over several seeds, per kind of sample.
+"""The comparison benchmark: every method on every dataset configuration over several seeds, per kind of sample.
 
 Each training run is a `dmil train` subprocess (so its peak memory is its own), then this process loads the saved
-model and measures the test set, the degraded test sets and inference latency. Writes `results.json` (per-seed
-numbers), `results.md` (mean ± std tables and the targets) and PNG plots.
+model and measures the test set, the degraded test sets, the per-sample interaction readout and inference latency.
+An ablation trains DMIL with the paper's settings and with each of the package's deviations from them. Writes
+`results.json` (per-seed numbers), `results.md` (mean ± std tables and the targets) and PNG plots.
 """
 
 from __future__ import annotations
@@ -20,22 +21,61 @@ import numpy as np
 
 from .experiment import METHODS
 
-DATASETS = ("synthetic", "digits")
+# Benchmark configurations: name -> (built-in dataset, builder arguments). `synthetic3` tries the defaults beyond two
+# modalities and equal shares: three feature modalities and a synergy-heavy mixture.
+CONFIGURATIONS = {
+    "synthetic": ("synthetic", {}),
+    "synthetic3": ("synthetic", {"num_modalities": 3, "mixture": {
+        "redundancy": 0.175, "unique_a": 0.175, "unique_b": 0.175, "unique_c": 0.175, "synergy": 0.3}}),
+    "digits": ("digits", {}),
+}
+DATASETS = tuple(CONFIGURATIONS)
 # Sizes and epochs per mode. Full: the defaults of `dmil train`; quick: a smoke-sized version of the same runs.
 PRESETS = {
-    "full": {"dataset_kwargs": {"synthetic": {}, "digits": {}}, "stage_epochs": None, "seeds": 3},
+    "full": {"dataset_kwargs": {}, "stage_epochs": None, "seeds": 3, "ablation_seeds": 1},
     "quick": {"dataset_kwargs": {"synthetic": {"num_samples": 800}, "digits": {"num_samples": 600}},
-              "stage_epochs": (3, 2, 2), "seeds": 1},
+              "stage_epochs": (3, 2, 2), "seeds": 1, "ablation_seeds": 1},
 }
+# The DMIL paper's choices where the package's defaults differ (each a `DmilConfig` field). The ablation trains the
+# paper's settings, then the paper's settings with one deviation each, then the defaults.
+PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_gate_penalty": 0.0, "tower_pooling": "auto"}
+# Fields that only act on transformer towers: their variants are not trained on feature-only configurations.
+TOWER_FIELDS = ("tower_pooling",)
 
 
-def _train(dataset, method, seed, run_dir, preset, towers, threads=None, python=sys.executable) -> dict:
-    """Run `dmil train` in a subprocess (with `threads` torch threads); returns its metrics plus the subprocess's peak
-    resident memory."""
+def ablation_variants() -> dict[str, dict]:
+    """Variant name -> `DmilConfig` overrides: `paper`, `paper + <field>` for each deviating field, `defaults`."""
+    from .configuration_dmil import DmilConfig
+
+    defaults = {k: getattr(DmilConfig(feature_modalities={"a": 1, "b": 1}), k) for k in PAPER_SETTINGS}
+    variants = {"paper": dict(PAPER_SETTINGS)}
+    for field, value in defaults.items():
+        if value != PAPER_SETTINGS[field]:
+            variants[f"paper + {field}={value}"] = {**PAPER_SETTINGS, field: value}
+    variants["defaults"] = {}
+    return variants
+
+
+def dataset_arguments(configuration: str, preset: dict) -> tuple[str, dict]:
+    """The built-in dataset of a configuration and its builder arguments (the preset's sizes on top)."""
+    if configuration not in CONFIGURATIONS:
+        raise ValueError(f"unknown benchmark configuration {configuration!r}; expected some of {list(DATASETS)}.")
+    dataset, kwargs = CONFIGURATIONS[configuration]
+    return dataset, {**kwargs, **preset["dataset_kwargs"].get(dataset, {}), **preset["dataset_kwargs"].get(
+        configuration, {})}
+
+
+def _train(configuration, method, seed, run_dir, preset, towers, threads=None, overrides=None,
+           python=sys.executable) -> dict:
+    """Run `dmil train` in a subprocess (with `threads` torch threads and `DmilConfig` `overrides`); returns its
+    metrics plus the subprocess's peak resident memory."""
+    dataset, kwargs = dataset_arguments(configuration, preset)
     cmd = [python, "-m", "dmil_hf.cli", "train", "--dataset", dataset, "--method", method, "--seed", str(seed),
            "--output-dir", str(run_dir), "--overwrite", "--towers", towers]
-    for key, value in preset["dataset_kwargs"].get(dataset, {}).items():
+    for key, value in kwargs.items():
         cmd += ["--dataset-arg", f"{key}={json.dumps(value)}"]
+    for key, value in (overrides or {}).items():
+        cmd += ["--config-arg", f"{key}={json.dumps(value)}"]
     if preset["stage_epochs"]:
         cmd += ["--stage-epochs", *map(str, preset["stage_epochs"])]
         if method != "dmil":
@@ -49,7 +89,8 @@ def _train(dataset, method, seed, run_dir, preset, towers, threads=None, python=
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"training {method} on {dataset} (seed {seed}) failed; see {Path(run_dir).with_suffix('.log')}")
+        raise RuntimeError(f"training {method} on {configuration} (seed {seed}) failed; see "
+                           f"{Path(run_dir).with_suffix('.log')}")
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     metrics["peak_memory_mb"] = usage.ru_maxrss / 1024.0  # Linux reports KiB
     return metrics
@@ -63,8 +104,45 @@ def _load_dataset(dataset: str, kwargs_json: str):
     return load_dataset_from_name_or_path(dataset, **json.loads(kwargs_json))
 
 
-def _measure(run_dir, dataset, preset) -> dict:
-    """Degraded-set accuracies, inference latency per batch of 64, parameter count, interaction profile."""
+def _configuration_dataset(configuration, preset):
+    dataset, kwargs = dataset_arguments(configuration, preset)
+    return _load_dataset(dataset, json.dumps(kwargs, sort_keys=True))
+
+
+def readout_agreement(weights: np.ndarray, interactions, component_names) -> dict:
+    """How well per-sample weights over `component_names` name each sample's ground-truth interaction type:
+    `match` (the largest weight is the true type's component, over all samples), `profile` (mean weight of each
+    component per type) and `largest` (per type, the component with the largest mean weight)."""
+    interactions = np.asarray(list(interactions))
+    names = np.asarray(component_names)
+    profile = {kind: {name: float(weights[interactions == kind, k].mean()) for k, name in enumerate(names)}
+               for kind in sorted(set(interactions.tolist()))}
+    return {"match": float((names[weights.argmax(1)] == interactions).mean()), "profile": profile,
+            "largest": {kind: max(row, key=row.get) for kind, row in profile.items()}}
+
+
+def reference_readout(configuration, preset, seed: int = 0) -> dict:
+    """The label-aware reference: `dmil_hf.interactions.per_sample_interactions` (out-of-fold MLPs on the default
+    modality representations of the test split, with the true labels), read as weights like a model's readout."""
+    from .data import inspect_dataset
+    from .interactions import per_sample_interactions
+    from .interactions.dataset import modality_arrays
+
+    dsd = _configuration_dataset(configuration, preset)
+    test = dsd["test"]
+    modalities = inspect_dataset(dsd).modalities
+    per_sample = per_sample_interactions(modality_arrays(test, modalities, seed=seed), np.asarray(test["labels"]),
+                                         seed=seed)
+    names = ["redundancy"] + [f"unique_{m}" for m in modalities] + ["synergy"]
+    values = np.stack([per_sample[n] for n in names], 1)
+    total = values.sum(1, keepdims=True)
+    weights = np.where(total > 0, values / np.maximum(total, 1e-12), 1.0 / len(names))
+    return readout_agreement(weights, test["interaction"], names)
+
+
+def _measure(run_dir, configuration, preset) -> dict:
+    """Degraded-set accuracies, inference latency per batch of 64, parameter count, interaction readout (and for
+    DMIL the gate's weights) against the true interaction types."""
     import torch
     from transformers import AutoProcessor
 
@@ -74,13 +152,17 @@ def _measure(run_dir, dataset, preset) -> dict:
     from .preprocess import encode_split
 
     model = load_model(run_dir).eval()
-    dsd = _load_dataset(dataset, json.dumps(preset["dataset_kwargs"].get(dataset, {}), sort_keys=True))
+    dsd = _configuration_dataset(configuration, preset)
     towers = any(model.config.tower_config(m) is not None for m in model.config.modalities)
     processor = AutoProcessor.from_pretrained(run_dir) if towers else None
     out = {"degraded": {}, "parameters": sum(p.numel() for p in model.parameters()),
            "num_labels": model.config.num_labels}
     for name, split in degraded_test_sets(dsd).items():
         out["degraded"][name] = evaluate_model(model, processor, split)[0]["accuracy"]
+    _, predictions = evaluate_model(model, processor, dsd["test"])
+    for key, name in (("interaction_weights", "readout"), ("gate_weights", "gate")):
+        if key in predictions and "interaction" in dsd["test"].column_names:
+            out[name] = readout_agreement(predictions[key], dsd["test"]["interaction"], model.config.component_names)
     batch = encode_split(dsd["test"].select(range(min(64, len(dsd["test"])))), processor, model.config.modalities)
     rows = batch[:]  # a dict of tensors (indexing a column alone gives a lazy `Column`, not a tensor)
     inputs = {c: rows[c] for c in batch.column_names if c != "labels"}
@@ -93,51 +175,78 @@ def _measure(run_dir, dataset, preset) -> dict:
                 times.append(time.perf_counter() - start)
     out["latency_ms_per_batch64"] = 1000 * statistics.median(times)
     out["bayes_accuracy"] = dataset_metadata(dsd).get("bayes_accuracy", {})
-    profile = Path(run_dir) / "interaction_profile.json"
-    if profile.exists():
-        out["interaction_profile"] = json.loads(profile.read_text())
+    if "readout" in out:
+        out["interaction_profile"] = out["readout"]["profile"]
     return out
 
 
 def run_benchmark(output_dir, datasets=DATASETS, methods=METHODS, seeds=None, quick=False, towers="tiny",
-                  jobs: int = 1) -> dict:
+                  jobs: int = 1, ablation: bool = True) -> dict:
     """
-    Train and measure every (dataset, method, seed); write results.json, results.md and plots to `output_dir`.
+    Train and measure every (configuration, method, seed), and with `ablation` every DMIL variant of
+    [`ablation_variants`] on every configuration (the preset's `ablation_seeds` seeds); write results.json,
+    results.md and plots to `output_dir`.
 
     `jobs` training runs go at once, each with an equal share of the CPU cores as torch threads (tiny towers use
     two cores poorly, so two one-thread runs finish sooner than two two-thread runs in turn; their training times
-    are then times under that shared load). The measurements (degraded sets, latency) run afterwards, one at a time.
+    are then times under that shared load). The measurements (degraded sets, readout, latency) run afterwards, one at
+    a time.
     """
     preset = PRESETS["quick" if quick else "full"]
     seeds = seeds or preset["seeds"]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {list(METHODS)}.")
+    for configuration in datasets:
+        dataset_arguments(configuration, preset)  # unknown names fail before any training
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be at least 1; got {jobs}.")
     output_dir = Path(output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
-    if int(jobs) < 1:
-        raise ValueError(f"jobs must be at least 1; got {jobs}.")
     threads = max(1, (os.cpu_count() or 1) // int(jobs)) if int(jobs) > 1 else None
-    grid = [(d, m, s) for d in datasets for s in range(seeds) for m in methods]
-    run_dirs = {job: output_dir / "runs" / f"{job[0]}-{job[1]}-seed{job[2]}" for job in grid}
+    grid = [(d, m, s, None) for d in datasets for s in range(seeds) for m in methods]
+    variants = ablation_variants() if ablation else {}
+    def applies(configuration, variant):
+        """A variant that changes only tower fields is not trained on a feature-only (synthetic) configuration."""
+        changed = {k for k, v in variants[variant].items() if PAPER_SETTINGS.get(k) != v}
+        return not changed or CONFIGURATIONS[configuration][0] != "synthetic" or not changed <= set(TOWER_FIELDS)
+
+    grid += [(d, "dmil", s, v) for d in datasets for v in variants if v != "defaults" and applies(d, v)
+             for s in range(preset["ablation_seeds"])]
+
+    def run_dir(job):
+        dataset, method, seed, variant = job
+        suffix = "" if variant is None else "-" + "".join(c if c.isalnum() else "_" for c in variant)
+        return output_dir / "runs" / f"{dataset}-{method}{suffix}-seed{seed}"
+
     with ThreadPoolExecutor(int(jobs)) as pool:
-        futures = {job: pool.submit(_train, *job, run_dirs[job], preset, towers, threads) for job in grid}
+        futures = {job: pool.submit(_train, *job[:3], run_dir(job), preset, towers, threads,
+                                    variants.get(job[3])) for job in grid}
         trained = {job: future.result() for job, future in tqdm(futures.items(), desc="training")}
-    runs = []
+    runs, ablation_runs = [], []
     for job in tqdm(grid, desc="measuring"):
-        dataset, method, seed = job
+        dataset, method, seed, variant = job
         metrics = trained[job]
         record = {"dataset": dataset, "method": method, "seed": seed, "test": metrics["test"],
                   "train_seconds": metrics["train_seconds"], "peak_memory_mb": metrics["peak_memory_mb"]}
-        record.update(_measure(run_dirs[job], dataset, preset))
-        runs.append(record)
+        record.update(_measure(run_dir(job), dataset, preset))
+        if variant is None:
+            runs.append(record)
+        if variant is not None or (method == "dmil" and "defaults" in variants and seed < preset["ablation_seeds"]):
+            ablation_runs.append({**record, "variant": variant or "defaults"})
+    reference = {}
+    for dataset in datasets:
+        if "interaction" in _configuration_dataset(dataset, preset)["test"].column_names:
+            reference[dataset] = reference_readout(dataset, preset)
     mode = "quick" if quick else "full"
     results = {"mode": mode, "towers": towers, "seeds": seeds, "jobs": int(jobs), "runs": runs,
-               "summary": summarize(runs)}
+               "summary": summarize(runs), "reference_readout": reference,
+               "ablation": {"variants": variants, "seeds": preset["ablation_seeds"], "runs": ablation_runs,
+                            "summary": summarize_ablation(ablation_runs)} if variants else None}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     from .bench_report import render_markdown, render_plots
 
@@ -173,14 +282,42 @@ def summarize(runs) -> dict:
                 "num_labels": rows[0]["num_labels"],
                 "bayes_accuracy": rows[0]["bayes_accuracy"],
             }
-            profiles = [r["interaction_profile"] for r in rows if "interaction_profile" in r]
-            if profiles:
-                entry["interaction_profile"] = {
-                    kind: {c: float(np.mean([p[kind][c] for p in profiles])) for c in profiles[0][kind]}
-                    for kind in profiles[0]
-                }
+            for name in ("readout", "gate"):
+                measured = [r[name] for r in rows if name in r]
+                if measured:
+                    entry[f"{name}_match"] = _mean_std([m["match"] for m in measured])
+                    entry[f"{name}_profile"] = _mean_profile([m["profile"] for m in measured])
+            if "readout_profile" in entry:
+                entry["interaction_profile"] = entry["readout_profile"]
             summary[dataset][method] = entry
     return summary
 
 
-__all__ = ["DATASETS", "PRESETS", "run_benchmark", "summarize"]
+def _mean_profile(profiles):
+    return {kind: {c: float(np.mean([p[kind][c] for p in profiles])) for c in profiles[0][kind]}
+            for kind in profiles[0]}
+
+
+def summarize_ablation(runs) -> dict:
+    """Per configuration and variant: mean over seeds of overall and synergy accuracy, the mean over degraded test
+    sets, and the readout's and the gate's per-sample match rates."""
+    summary = {}
+    for record in runs:
+        summary.setdefault(record["dataset"], {}).setdefault(record["variant"], []).append(record)
+    out = {}
+    for dataset, by_variant in summary.items():
+        out[dataset] = {}
+        for variant, rows in by_variant.items():
+            out[dataset][variant] = {
+                "accuracy": _mean_std([r["test"]["accuracy"] for r in rows]),
+                "synergy": _mean_std([r["test"].get("by_interaction", {}).get("synergy") for r in rows]),
+                "degraded_mean": _mean_std([float(np.mean(list(r["degraded"].values()))) for r in rows
+                                            if r["degraded"]]),
+                "readout_match": _mean_std([r["readout"]["match"] for r in rows if "readout" in r]),
+                "gate_match": _mean_std([r["gate"]["match"] for r in rows if "gate" in r]),
+            }
+    return out
+
+
+__all__ = ["CONFIGURATIONS", "DATASETS", "PAPER_SETTINGS", "PRESETS", "ablation_variants", "readout_agreement",
+           "reference_readout", "run_benchmark", "summarize", "summarize_ablation"]

@@ -11,8 +11,16 @@ def _fmt(stat, scale=100.0, digits=1):
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
+# Target margins of the benchmark (points of accuracy; fractions of samples for the readout).
+OVERALL_MARGIN = {"digits": 2.0}  # DMIL must beat the best baseline by this much overall; 0 elsewhere
+ROW_TOLERANCE = 1.0  # no interaction type or degraded set more than this below the best baseline on that row
+BAYES_GAP = {"synthetic": 2.0}  # within this of the Bayes limit overall
+READOUT_MATCH = 0.9  # the readout's largest weight names the true type on at least this share of test samples
+READOUT_MATCH_CONFIGURATIONS = ("synthetic", "digits")
+
+
 def check_targets(summary: dict) -> list[tuple[str, bool, str]]:
-    """The benchmark targets of the issue, each with whether it holds and by how much."""
+    """The benchmark targets, each with whether it holds and by how much."""
     checks = []
     for dataset, methods in summary.items():
         if "dmil" not in methods:
@@ -21,11 +29,12 @@ def check_targets(summary: dict) -> list[tuple[str, bool, str]]:
         baselines = {m: e for m, e in methods.items() if m != "dmil"}
         if baselines:
             best_name, best = max(baselines.items(), key=lambda kv: kv[1]["accuracy"]["mean"])
+            margin = OVERALL_MARGIN.get(dataset, 0.0)
             gap = 100 * (dmil["accuracy"]["mean"] - best["accuracy"]["mean"])
             # Rounded before comparing: accuracies are sample fractions, and float noise must not flip a tie.
             gap = round(gap, 6)
-            checks.append((f"{dataset}: DMIL ≥ best baseline ({best_name}) + 2 points overall", gap >= 2.0,
-                           f"{gap:+.1f} points"))
+            checks.append((f"{dataset}: DMIL ≥ best baseline ({best_name})" + (f" + {margin:g} points" if margin else "")
+                           + " overall", gap >= margin, f"{gap:+.1f} points"))
             worst = []
             for group in ("by_interaction", "degraded"):
                 for key, stat in dmil[group].items():
@@ -35,8 +44,8 @@ def check_targets(summary: dict) -> list[tuple[str, bool, str]]:
             if worst:
                 gap, key = min(worst)
                 gap = round(gap, 6)
-                checks.append((f"{dataset}: DMIL never > 1 point below the best baseline on any type / degraded set",
-                               gap >= -1.0, f"worst: {key} {gap:+.1f} points"))
+                checks.append((f"{dataset}: DMIL never > {ROW_TOLERANCE:g} point below the best baseline on any type / "
+                               "degraded set", gap >= -ROW_TOLERANCE, f"worst: {key} {gap:+.1f} points"))
         ensemble = methods.get("ensemble", {}).get("by_interaction", {}).get("synergy")
         if ensemble:
             chance = 1.0 / dmil["num_labels"]
@@ -44,15 +53,74 @@ def check_targets(summary: dict) -> list[tuple[str, bool, str]]:
             checks.append((f"{dataset}: ensemble near chance on synergy (within 10 points)", gap <= 10.0,
                            f"{100 * ensemble['mean']:.1f}% vs chance {100 * chance:.1f}%"))
         bayes = dmil.get("bayes_accuracy", {}).get("overall")
-        if dataset == "synthetic" and bayes:
+        if dataset in BAYES_GAP and bayes:
             gap = round(100 * (bayes - dmil["accuracy"]["mean"]), 6)
-            checks.append(("synthetic: DMIL within 3 points of the Bayes limit", gap <= 3.0, f"{gap:.1f} points below"))
+            checks.append((f"{dataset}: DMIL within {BAYES_GAP[dataset]:g} points of the Bayes limit",
+                           gap <= BAYES_GAP[dataset], f"{gap:.1f} points below"))
         profile = dmil.get("interaction_profile")
         if profile:
             wrong = [kind for kind, weights in profile.items() if max(weights, key=weights.get) != kind]
-            checks.append((f"{dataset}: DMIL's largest gate weight is the matching component for every type",
-                           not wrong, "mismatched: " + (", ".join(wrong) if wrong else "none")))
+            checks.append((f"{dataset}: DMIL's readout gives the matching component the largest mean weight for every "
+                           "type", not wrong, "mismatched: " + (", ".join(wrong) if wrong else "none")))
+        match = dmil.get("readout_match")
+        if match and dataset in READOUT_MATCH_CONFIGURATIONS:
+            checks.append((f"{dataset}: DMIL's readout names the true type on ≥ {100 * READOUT_MATCH:.0f}% of test "
+                           "samples", round(match["mean"], 6) >= READOUT_MATCH, f"{100 * match['mean']:.1f}%"))
     return checks
+
+
+def _profile_table(title: str, profile: dict) -> list[str]:
+    components = list(next(iter(profile.values())))
+    lines = ["", title, "", "| type | " + " | ".join(components) + " |", "|" + "---|" * (len(components) + 1)]
+    for kind, weights in profile.items():
+        lines.append(f"| {kind} | " + " | ".join(f"{weights[c]:.2f}" for c in components) + " |")
+    return lines
+
+
+def _readout_section(dataset: str, methods: dict, reference: dict | None) -> list[str]:
+    rows = []
+    for method, entry in methods.items():
+        if entry.get("readout_match"):
+            rows.append(f"| {method} `interaction_weights` | {_fmt(entry['readout_match'])} |")
+        if entry.get("gate_match"):
+            rows.append(f"| {method} `gate_weights` (the mixture) | {_fmt(entry['gate_match'])} |")
+    if reference:
+        rows.append(f"| reference: `dmil_hf.interactions.per_sample_interactions` (true labels, out-of-fold MLPs) "
+                    f"| {100 * reference['match']:.1f} |")
+    if not rows:
+        return []
+    lines = ["", "Per-sample readout: share of test samples whose largest weight is the true type's component (%):", "",
+             "| weights | match |", "|---|---|"] + rows
+    for method, entry in methods.items():
+        if entry.get("interaction_profile"):
+            lines += _profile_table(f"{method}: mean `interaction_weights` per component (columns) by ground-truth type "
+                                    "(rows):", entry["interaction_profile"])
+        if entry.get("gate_profile"):
+            lines += _profile_table(f"{method}: mean `gate_weights` per component by ground-truth type:",
+                                    entry["gate_profile"])
+    if reference:
+        lines += _profile_table("reference estimator: mean weight per component by ground-truth type:",
+                                reference["profile"])
+    return lines
+
+
+def _ablation_section(ablation: dict | None) -> list[str]:
+    if not ablation or not ablation.get("summary"):
+        return []
+    lines = ["## Ablation: the paper's settings against each deviation", "",
+             f"DMIL only, {ablation['seeds']} seed(s) per variant; test accuracy (%), the mean over the degraded test "
+             "sets, and the per-sample match of the readout and of the gate. Variants (`DmilConfig` overrides):", ""]
+    lines += [f"- `{name}`: " + (", ".join(f"`{k}={v!r}`" for k, v in overrides.items()) or "the package's defaults")
+              for name, overrides in ablation["variants"].items()]
+    for dataset, variants in ablation["summary"].items():
+        lines += ["", f"### {dataset}", "", "| variant | overall | synergy | degraded (mean) | readout match | gate match |",
+                  "|---|---|---|---|---|---|"]
+        for name in ablation["variants"]:
+            if name in variants:
+                v = variants[name]
+                lines.append(f"| {name} | {_fmt(v['accuracy'])} | {_fmt(v['synergy'])} | {_fmt(v['degraded_mean'])} | "
+                             f"{_fmt(v['readout_match'])} | {_fmt(v['gate_match'])} |")
+    return lines + [""]
 
 
 def render_markdown(results: dict) -> str:
@@ -87,16 +155,9 @@ def render_markdown(results: dict) -> str:
         for method, entry in methods.items():
             lines.append(f"| {method} | {_fmt(entry['train_seconds'], 1, 1)} | {_fmt(entry['latency_ms_per_batch64'], 1, 2)}"
                          f" | {_fmt(entry['peak_memory_mb'], 1, 0)} | {entry['parameters']:,} |")
-        for method, entry in methods.items():
-            profile = entry.get("interaction_profile")
-            if not profile:
-                continue
-            components = list(next(iter(profile.values())))
-            lines += ["", f"{method}: mean interaction weight per component (columns) by ground-truth type (rows):", "",
-                      "| type | " + " | ".join(components) + " |", "|" + "---|" * (len(components) + 1)]
-            for kind, weights in profile.items():
-                lines.append(f"| {kind} | " + " | ".join(f"{weights[c]:.2f}" for c in components) + " |")
+        lines += _readout_section(dataset, methods, (results.get("reference_readout") or {}).get(dataset))
         lines.append("")
+    lines += _ablation_section(results.get("ablation"))
     lines += ["## Targets", ""]
     for name, ok, detail in check_targets(summary):
         lines.append(f"- [{'x' if ok else ' '}] {name}: {detail}")

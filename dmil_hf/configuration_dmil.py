@@ -126,7 +126,7 @@ class DmilConfig(PretrainedConfig):
     # Trainer drops these from predictions (they are not tensors that can be concatenated across batches).
     keys_to_ignore_at_inference = [
         "loss_terms", "component_names", "component_logits", "component_embeds", "modality_embeds",
-        "task_relevant_embeds", "task_irrelevant_embeds", "unimodal_logits", "modality_mask",
+        "task_relevant_embeds", "task_irrelevant_embeds", "unimodal_logits", "modality_logits", "modality_mask",
     ]
 
     def __init__(
@@ -153,6 +153,7 @@ class DmilConfig(PretrainedConfig):
         stage3_level2_scale: float = 0.4,
         stage3_component_weight: float = 0.8,
         stage3_reconstruction_weight: float = 0.01,
+        stage3_level1_tower_gradient: float = 1.0,
         stage1_epochs: float = 4,
         stage2_epochs: float = 4,
         stage3_epochs: float = 16,
@@ -209,6 +210,10 @@ class DmilConfig(PretrainedConfig):
         self.stage3_level2_scale = float(stage3_level2_scale)
         self.stage3_component_weight = float(stage3_component_weight)
         self.stage3_reconstruction_weight = float(stage3_reconstruction_weight)
+        if not 0.0 <= float(stage3_level1_tower_gradient) <= 1.0:
+            raise ValueError(f"`stage3_level1_tower_gradient` is {stage3_level1_tower_gradient}; expected a number in "
+                             "[0, 1].")
+        self.stage3_level1_tower_gradient = float(stage3_level1_tower_gradient)
         self.stage1_epochs = stage1_epochs
         self.stage2_epochs = stage2_epochs
         self.stage3_epochs = stage3_epochs

@@ -112,9 +112,10 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
 
 
 def predict(model, encoded, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Logits (and interaction weights when the model has them) for an encoded split, in row order."""
+    """Logits (and the interaction readout and gate weights when the model has them) for an encoded split, in row
+    order."""
     model.eval()
-    logits, weights = [], []
+    logits, weights, gates = [], [], []
     columns = [c for c in encoded.column_names if c != "labels"]
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
@@ -123,9 +124,13 @@ def predict(model, encoded, batch_size: int = 64) -> dict[str, np.ndarray]:
             logits.append(out.logits.float().numpy())
             if getattr(out, "interaction_weights", None) is not None:
                 weights.append(out.interaction_weights.float().numpy())
+            if getattr(out, "gate_weights", None) is not None:
+                gates.append(out.gate_weights.float().numpy())
     result = {"logits": np.concatenate(logits)}
     if weights:
         result["interaction_weights"] = np.concatenate(weights)
+    if gates:
+        result["gate_weights"] = np.concatenate(gates)
     return result
 
 

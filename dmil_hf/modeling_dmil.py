@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,17 @@ class DmilClassifierOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): gated prediction (stage 1: the mean of
             the unimodal heads).
-        interaction_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): per-sample gate
-            weights over `component_names`; each row sums to one.
+        interaction_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the per-sample
+            interaction readout over `component_names` (each row sums to one): the pointwise split of the model's own
+            prediction into redundancy, uniqueness and synergy (see [`pointwise_interaction_weights`]); needs no label.
+            For regression, the gate weights.
+        gate_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the gate's softmax weights
+            that mix `component_logits` into `logits`; each row sums to one. They serve accuracy, not reading.
         component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).
-        unimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`).
+        unimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): level 1's heads on
+            the task-relevant latents.
+        modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): the readout's
+            estimate of p(y | x_m) from each modality's embedding alone.
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`).
         modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`).
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`).
@@ -72,8 +80,10 @@ class DmilClassifierOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     interaction_weights: torch.FloatTensor | None = None
+    gate_weights: torch.FloatTensor | None = None
     component_logits: torch.FloatTensor | None = None
     unimodal_logits: torch.FloatTensor | None = None
+    modality_logits: torch.FloatTensor | None = None
     component_embeds: torch.FloatTensor | None = None
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
@@ -92,6 +102,68 @@ def masked_mean(values, mask):
     """Mean of per-sample `values` over the samples where `mask` holds (0 when none does)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def pointwise_interaction_weights(unimodal_logits, logits, modality_mask, log_prior=None, component_mask=None):
+    r"""
+    The per-sample interaction readout: how the information about the model's own prediction splits into
+    redundancy, uniqueness and synergy, as weights over `("redundancy", "unique_<m>"..., "synergy")`.
+
+    With \(\hat y\) the predicted class, the pointwise information of modality m and of all modalities are
+    \(i_m = \log p(\hat y \mid x_m) - \log p(\hat y)\) (from the unimodal heads) and
+    \(i = \log p(\hat y \mid x) - \log p(\hat y)\) (from the fused prediction). The split is the
+    minimum-mutual-information PID applied to that one sample (as `dmil_hf.interactions.pointwise_interactions` does
+    with the true label): \(r = \min_m i_m^+\), \(u_m = i_m^+ - r\), \(s = (i - \max_m i_m^+)^+\), normalised to
+    sum to one (uniform over the existing components when all are zero). Redundant samples are those every modality
+    predicts alone, unique ones those only one modality predicts, synergistic ones those only the fusion predicts.
+
+    Args:
+        unimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): level 1's heads on
+            the task-relevant latents.
+        modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): the readout's
+            estimate of p(y | x_m) from each modality's embedding alone.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the fused prediction.
+        modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): absent modalities carry nothing.
+        log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted.
+        component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`, *optional*): components that
+            exist for each sample; the others get weight 0.
+    """
+    unimodal = unimodal_logits.float().log_softmax(-1)
+    fused = logits.float().log_softmax(-1)
+    predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
+    if log_prior is None:
+        log_prior = fused.new_full((fused.shape[-1],), -math.log(fused.shape[-1]))
+    prior = log_prior.float().to(fused.device)[predicted]  # (B, 1)
+    index = predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)
+    information = (unimodal.gather(-1, index).squeeze(-1) - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
+    joint = (fused.gather(-1, predicted) - prior).clamp(min=0.0)  # (B, 1)
+    redundancy = information.masked_fill(~modality_mask, float("inf")).amin(1, keepdim=True)
+    redundancy = torch.where(torch.isfinite(redundancy), redundancy, torch.zeros_like(redundancy))
+    unique = (information - redundancy).clamp(min=0.0) * modality_mask.to(fused.dtype)
+    synergy = (joint - information.amax(1, keepdim=True)).clamp(min=0.0)
+    values = torch.cat([redundancy, unique, synergy], 1)
+    exists = torch.ones_like(values, dtype=torch.bool) if component_mask is None else component_mask
+    values = values * exists.to(values.dtype)
+    total = values.sum(1, keepdim=True)
+    uniform = exists.to(values.dtype) / exists.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(total > 0, values / total.clamp(min=1e-12), uniform)
+
+
+class DmilLabelPrior(nn.Module):
+    """Counts of the training labels seen (a buffer saved with the model): p(y) for the interaction readout."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.register_buffer("counts", torch.zeros(num_labels))
+
+    def update(self, labels):
+        self.counts += torch.bincount(labels.view(-1), minlength=self.counts.numel())[: self.counts.numel()].to(
+            self.counts.dtype)
+
+    def log_prior(self):
+        # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform.
+        counts = self.counts + 1.0
+        return (counts / counts.sum()).log()
 
 
 class DmilGaussianBottleneck(nn.Module):
@@ -343,6 +415,8 @@ class DmilPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, DmilLabelPrior):
+            nn.init.zeros_(module.counts)
 
     @classmethod
     def from_encoders_pretrained(cls, text=None, vision=None, audio=None, feature_modalities=None, **kwargs):
@@ -424,18 +498,23 @@ class DmilModel(DmilPreTrainedModel):
         """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`."""
         config = self.config
         modalities = config.modalities
+        # Stage 3 scales the gradient that level 1 (and every component built on it) sends into the towers by
+        # `stage3_level1_tower_gradient` (same forward values): at 1 the unimodal objectives keep pulling the towers
+        # (robust to a degraded modality, but slow to learn synergy); at 0 the towers learn from the fusion only.
+        scale = config.stage3_level1_tower_gradient if config.training_stage == 3 else 1.0
+        level1_inputs = embeds if scale == 1.0 else embeds * scale + embeds.detach() * (1.0 - scale)
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
             terms = {}
             relevant, relevant_means, irrelevant, irrelevant_means = [], [], [], []
             for i, m in enumerate(modalities):
-                z_tr, mu_tr, lv_tr = self.relevant[m](embeds[:, i])
-                z_ir, mu_ir, lv_ir = self.irrelevant[m](embeds[:, i])
+                z_tr, mu_tr, lv_tr = self.relevant[m](level1_inputs[:, i])
+                z_ir, mu_ir, lv_ir = self.irrelevant[m](level1_inputs[:, i])
                 rebuilt = self.reconstruct[m](torch.cat([z_tr, z_ir], -1))
                 terms[f"kl_level1_{m}"] = config.kl_scale * masked_mean(
                     gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), mask[:, i])
                 # The target is detached: the latents must explain the embedding, but the tower must not be pulled
                 # toward embeddings that are easy to rebuild (a constant one is the easiest).
-                terms[f"reconstruction_{m}"] = masked_mean((rebuilt - embeds[:, i].detach()).pow(2).mean(-1),
+                terms[f"reconstruction_{m}"] = masked_mean((rebuilt - level1_inputs[:, i].detach()).pow(2).mean(-1),
                                                            mask[:, i])
                 relevant.append(z_tr)
                 relevant_means.append(mu_tr)
@@ -531,13 +610,21 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         self.component_heads = nn.ModuleList([nn.Linear(latent, config.num_labels) for _ in config.component_names])
         num_components = len(config.component_names)
         self.gate = _mlp(num_components * latent, config.gate_hidden_size, num_components)
+        # The readout's instruments: p(y | x_m) from each modality's embedding alone, with the capacity of the synergy
+        # path (an MLP, not a linear head on a bottleneck), so that the fusion does not look synergistic merely by
+        # being the stronger classifier. They read detached embeddings: they learn from the towers, never shape them.
+        self.modality_heads = nn.ModuleDict({m: _mlp(config.hidden_size, config.hidden_size, config.num_labels)
+                                             for m in modalities})
+        self.label_prior = DmilLabelPrior(config.num_labels)
         self.post_init()
 
     # --- the staged schedule -------------------------------------------------------------------------------
     def stage_modules(self) -> dict[str, list[nn.Module]]:
-        """Parameter groups of the schedule: stage 1 trains `level1`, stage 2 `level2`, stage 3 both."""
+        """Parameter groups of the schedule: stage 1 trains `level1`, stage 2 `level2`, stage 3 both; the readout's
+        modality heads (`readout`) train in every stage."""
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
-                "level2": self.dmil.level2_modules() + [self.component_heads, self.gate]}
+                "level2": self.dmil.level2_modules() + [self.component_heads, self.gate],
+                "readout": [self.modality_heads]}
 
     def set_training_stage(self, stage: int):
         """Switch the loss to `stage` and set `requires_grad` so only that stage's parameters train. Parameters that
@@ -546,7 +633,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}.")
         if not hasattr(self, "_frozen_before_staging"):
             self._frozen_before_staging = {id(p) for p in self.parameters() if not p.requires_grad}
-        trainable = {1: ("level1",), 2: ("level2",), 3: ("level1", "level2")}[stage]
+        trainable = {1: ("level1", "readout"), 2: ("level2", "readout"), 3: ("level1", "level2", "readout")}[stage]
         for group, modules in self.stage_modules().items():
             for module in modules:
                 for p in module.parameters():
@@ -612,6 +699,16 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             logits = (unimodal_logits * present).sum(1) / present.sum(1)
         else:
             logits = (weights.unsqueeze(-1) * component_logits).sum(1)
+        if labels is not None and self.training and config.problem_type != "regression":
+            self.label_prior.update(labels)
+        modality_logits = torch.stack(
+            [self.modality_heads[m](out.modality_embeds[:, i].detach()) for i, m in enumerate(config.modalities)], 1)
+        if config.problem_type == "regression":
+            readout = weights
+        else:
+            with torch.no_grad():
+                readout = pointwise_interaction_weights(modality_logits, logits, mask, self.label_prior.log_prior(),
+                                                        component_mask)
 
         terms = dict(out.loss_terms)
         loss = None
@@ -619,6 +716,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * component_logits).sum(1), labels).mean()
             for i, m in enumerate(config.modalities):
                 terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
+                terms[f"readout_{m}"] = masked_mean(self._task_loss(modality_logits[:, i], labels), mask[:, i])
             terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
             for k, name in enumerate(config.component_names):
                 terms[f"task_component_{name}"] = masked_mean(
@@ -627,9 +725,11 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         return DmilClassifierOutput(
             loss=loss,
             logits=logits,
-            interaction_weights=weights,
+            interaction_weights=readout,
+            gate_weights=weights,
             component_logits=component_logits,
             unimodal_logits=unimodal_logits,
+            modality_logits=modality_logits,
             component_embeds=out.component_embeds,
             modality_embeds=out.modality_embeds,
             modality_mask=mask,
@@ -647,15 +747,17 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         level2_kl = terms["kl_redundancy"] + sum(terms[f"kl_alignment_{m}"] + terms[f"kl_unique_{m}"] for m in modalities)
         rebuild_relevant = sum(terms[f"reconstruction_relevant_{m}"] for m in modalities)
         components = sum(terms[f"task_component_{n}"] for n in config.component_names)
+        # The readout's heads read detached embeddings, so this term trains them and nothing else.
+        readout = sum(terms[f"readout_{m}"] for m in modalities)
         if stage == 1:
-            return unimodal + config.lamb * level1
+            return readout + unimodal + config.lamb * level1
         # Parsimony: synergy sees every modality, so without a price the gate would route everything through it.
         parsimony = config.synergy_gate_penalty * terms["gate_synergy"]
         if stage == 2:
-            return (parsimony + terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
+            return (readout + parsimony + terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
                     + config.stage2_component_weight * components)
         reconstruction = sum(terms[f"reconstruction_{m}"] for m in modalities) + rebuild_relevant
-        return (parsimony + terms["task_gated"] + config.stage3_unimodal_weight * unimodal
+        return (readout + parsimony + terms["task_gated"] + config.stage3_unimodal_weight * unimodal
                 + config.lamb * sum(kl_w[m] * terms[f"kl_level1_{m}"] for m in modalities)
                 + config.stage3_reconstruction_weight * reconstruction
                 + config.lamb * config.stage3_level2_scale * level2_kl
@@ -670,4 +772,5 @@ __all__ = [
     "DmilModel",
     "DmilModelOutput",
     "DmilPreTrainedModel",
+    "pointwise_interaction_weights",
 ]

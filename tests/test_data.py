@@ -188,7 +188,7 @@ def test_synthetic_synergy_hides_the_label_from_each_modality():
 def digits():
     have_cache = all(p.exists() for p in (digits_module._clip_path(digits_module.default_cache_dir(), w, v)
                                           for w in digits_module.DIGIT_WORDS
-                                          for v in digits_module.TRAIN_VOICES + digits_module.TEST_VOICES))
+                                          for v in digits_module.ALL_VOICES))
     if shutil.which("espeak-ng") is None and not have_cache:
         pytest.skip("espeak-ng is not installed (apt-get install -y --no-install-recommends espeak-ng), so the "
                     "digits dataset cannot speak its digits")
@@ -228,10 +228,12 @@ def test_digits_held_out_templates_and_images(digits):
         return text == template or ("{w}" in template and any(text == template.format(w=w)
                                                               for w in digits_module.DIGIT_WORDS))
 
-    for split, group, other in (("train", "train", "test"), ("validation", "train", "test"), ("test", "test", "train")):
+    # Each split has its own sentence templates: validation is held out from training as test is.
+    for split in ("train", "validation", "test"):
         for text in digits[split]["text"]:
-            assert any(matches(text, t) for t in templates(group))
-            assert not any(matches(text, t) for t in templates(other))
+            assert any(matches(text, t) for t in templates(split))
+            assert not any(matches(text, t) for other in ("train", "validation", "test") if other != split
+                           for t in templates(other))
     # noise=0: an image is a function of its sklearn index, so no test image may appear in train or validation.
     seen = {np.asarray(x).tobytes() for s in ("train", "validation") for x in digits[s]["image"]}
     test_images = [np.asarray(x) for x, k in zip(digits["test"]["image"], digits["test"]["interaction"])
@@ -246,9 +248,13 @@ def test_digits_plan_holds_out_voices_and_image_indices():
     assert not flat["test"] & (flat["train"] | flat["validation"]) and not flat["train"] & flat["validation"]
     shares = {k: 0.2 for k in digits_module.INTERACTION_TYPES}
     train = digits_module._plan("train", 300, shares, rng, pools)
+    validation = digits_module._plan("validation", 300, shares, rng, pools)
     test = digits_module._plan("test", 300, shares, rng, pools)
-    assert {s["voice"] for s in test} <= set(digits_module.TEST_VOICES)
-    assert not {s["voice"] for s in train} & set(digits_module.TEST_VOICES)
+    voices = {name: {s["voice"] for s in plan} for name, plan in (("train", train), ("validation", validation),
+                                                                   ("test", test))}
+    assert voices["test"] <= set(digits_module.TEST_VOICES)
+    assert voices["validation"] <= set(digits_module.VALIDATION_VOICES)
+    assert not voices["train"] & (voices["validation"] | voices["test"]) and not voices["validation"] & voices["test"]
     assert {s["image"] for s in test if s["image"] >= 0} <= flat["test"]
     # the non-carrying modalities are blank on unique samples; synergy shows (u, (y - u) mod 10)
     for s in train:

@@ -24,12 +24,12 @@ MOSEI_WIDTHS = {"language": 300, "acoustic": 74, "visual": 35}
 
 def digits_unavailable() -> str | None:
     """Why the `digits` data cannot be built here (no espeak-ng and no cached clips), or None."""
-    from dmil_hf.data.digits import DIGIT_WORDS, TEST_VOICES, TRAIN_VOICES, _clip_path, default_cache_dir
+    from dmil_hf.data.digits import ALL_VOICES, DIGIT_WORDS, _clip_path, default_cache_dir
 
     if shutil.which("espeak-ng"):
         return None
     cache = default_cache_dir()
-    if all(_clip_path(cache, word, voice).exists() for word in DIGIT_WORDS for voice in TRAIN_VOICES + TEST_VOICES):
+    if all(_clip_path(cache, word, voice).exists() for word in DIGIT_WORDS for voice in ALL_VOICES):
         return None
     return f"the digits examples need espeak-ng (apt-get install espeak-ng) or its clips cached in {cache}"
 

@@ -10,12 +10,15 @@ def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="compare dmil, joint, ensemble and i2moe per kind of sample")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--quick", action="store_true", help="small data, few epochs, one seed (a few minutes)")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
+                   help="benchmark configurations (built-in datasets and their builder arguments)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     p.add_argument("--towers", default="tiny", choices=["tiny", "small"])
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at once, each with an equal share of the cores (train times are then shared-load times)")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the ablation (DMIL with the paper's settings and with each of the package's deviations)")
     p.set_defaults(func=run)
     return p
 
@@ -24,7 +27,7 @@ def run(args) -> int:
     from ..bench import run_benchmark
 
     results = run_benchmark(args.output_dir, args.datasets, args.methods, args.seeds, args.quick, args.towers,
-                            args.jobs)
+                            args.jobs, ablation=not args.no_ablation)
     from pathlib import Path
 
     print((Path(args.output_dir) / "results.md").read_text())

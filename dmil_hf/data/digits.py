@@ -21,8 +21,10 @@ rendered digit assumed recognisable): 1.0 for every type with all modalities, an
 missing (also the optimum for `noise_<m>` for an observer that knows the column is noise). A few of the
 handwritten digits are ambiguous even to people, so the true optimum on vision-carried samples is slightly below 1.
 
-Held out: test images come from sklearn indices disjoint from those of train and validation (also disjoint from each
-other), and test voices and text templates are never used in train or validation.
+Held out: train, validation and test images come from disjoint sklearn indices, and each split has its own voices
+and text templates. Validation is held out the way test is (new speakers, new sentences, new handwriting), so model
+selection and defaults chosen on it see the generalisation that the test split measures; it shares nothing with
+test.
 """
 
 from __future__ import annotations
@@ -55,23 +57,29 @@ TRAIN_VOICES = (
     ("en-gb-scotland+f2", 140, 58), ("en-us-nyc+m3", 160, 48), ("en-gb-x-gbclan+f4", 150, 72),
     ("en-gb-x-rp+m2", 145, 42), ("en-us+m7", 165, 55), ("en-gb+f1", 175, 62),
 )
+VALIDATION_VOICES = (("en-gb-x-gbclan+m1", 155, 38), ("en-us+m2", 160, 66), ("en-gb-scotland+m4", 170, 52),
+                     ("en-us-nyc+f3", 140, 45))
 TEST_VOICES = (("en-029+m3", 155, 55), ("en-gb-x-gbcwmd+f2", 145, 62), ("en-us-nyc+m7", 170, 42),
                ("en-gb-scotland+f5", 160, 68))
+ALL_VOICES = TRAIN_VOICES + VALIDATION_VOICES + TEST_VOICES
 # Text templates: {w} is the digit word. "blank" and "sum" sentences contain no number.
 TEMPLATES = {
     "digit": {
         "train": ("the number is {w}", "i see the digit {w}", "{w} is the answer", "write down {w}",
                   "the code reads {w}", "my favourite number is {w}", "please type {w}", "we counted {w}"),
+        "validation": ("the result is {w}", "he chose {w}", "look at number {w}"),
         "test": ("the answer is {w}", "she picked {w}", "it was number {w}"),
     },
     "blank": {
         "train": ("nothing to read here", "this line is empty", "no words about numbers", "the page says nothing",
                   "there is no note"),
+        "validation": ("the sheet is empty", "no number appears here"),
         "test": ("nothing is written", "the card is blank"),
     },
     "sum": {
         "train": ("add the digit you see to the digit you hear", "sum the picture and the sound",
                   "what is the picture plus the voice", "combine both numbers by adding"),
+        "validation": ("add what you see and what you hear", "the sum of the image and the voice"),
         "test": ("add the shown and the spoken numbers", "the total of both numbers"),
     },
 }
@@ -191,8 +199,8 @@ def _image_pools(rng, validation_fraction, test_fraction):
 
 def _plan(split, n, shares, rng, image_pools):
     """Per sample: type, label, image index (-1 blank), spoken word (-1 blank) and voice, text."""
-    voices = TEST_VOICES if split == "test" else TRAIN_VOICES
-    group = "test" if split == "test" else "train"
+    voices = {"train": TRAIN_VOICES, "validation": VALIDATION_VOICES, "test": TEST_VOICES}[split]
+    group = split
     kinds = np.array(INTERACTION_TYPES)[type_sequence(shares, n, rng)]
     labels = rng.integers(0, 10, n)
     plan = []
@@ -254,7 +262,7 @@ def make_digits(num_samples: int = 4000, seed: int = 0, cache_dir=None, mixture:
         raise ValueError(f"image_size must be at least 8; got {image_size}.")
     sizes = split_sizes(int(num_samples), validation_fraction, test_fraction)
     shares = mixture_shares(INTERACTION_TYPES, mixture)
-    clips = synthesize_clips(TRAIN_VOICES + TEST_VOICES, cache_dir)
+    clips = synthesize_clips(ALL_VOICES, cache_dir)
     images, image_pools = _image_pools(np.random.default_rng([seed, 1]), validation_fraction, test_fraction)
     splits = {}
     for index, (split, size) in enumerate(zip(("train", "validation", "test"), sizes)):
@@ -280,13 +288,15 @@ def make_digits(num_samples: int = 4000, seed: int = 0, cache_dir=None, mixture:
         "bayes_accuracy": symbolic_bayes_accuracy(shares),
         "bayes_accuracy_degraded": degraded,
         "bayes_method": "exact enumeration of the symbolic task (every rendered digit assumed recognisable)",
-        "held_out": {"train_voices": [list(v) for v in TRAIN_VOICES], "test_voices": [list(v) for v in TEST_VOICES],
-                     "train_templates": {k: list(v["train"]) for k, v in TEMPLATES.items()},
-                     "test_templates": {k: list(v["test"]) for k, v in TEMPLATES.items()},
+        "held_out": {"train_voices": [list(v) for v in TRAIN_VOICES],
+                     "validation_voices": [list(v) for v in VALIDATION_VOICES],
+                     "test_voices": [list(v) for v in TEST_VOICES],
+                     **{f"{split}_templates": {k: list(v[split]) for k, v in TEMPLATES.items()}
+                        for split in ("train", "validation", "test")},
                      "images": "test, validation and train draw from disjoint sklearn load_digits indices"},
     }
     return assemble(splits, metadata)
 
 
-__all__ = ["DIGIT_WORDS", "INTERACTION_TYPES", "TEMPLATES", "TEST_VOICES", "TRAIN_VOICES", "make_digits",
+__all__ = ["ALL_VOICES", "DIGIT_WORDS", "INTERACTION_TYPES", "TEMPLATES", "TEST_VOICES", "TRAIN_VOICES", "VALIDATION_VOICES", "make_digits",
            "symbolic_bayes_accuracy", "synthesize_clips"]
