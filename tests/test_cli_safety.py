@@ -258,24 +258,32 @@ def test_resume_records_total_and_resumed_train_seconds(interrupted_run):
     assert [s["stage"] for s in metrics["stages"]] == ["stage1", "stage2", "stage3"]
 
 
+def text_feature_dataset(n=120, seed=0) -> DatasetDict:
+    """`feature_dataset` plus a text column (so the run trains a tokenizer and a random BERT tower)."""
+    dsd = feature_dataset(n=n, seed=seed)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    rng = np.random.default_rng(seed + 1)
+    return DatasetDict({name: split.add_column("text", [f"{words[y]} {' '.join(rng.choice(words, 3))} shown"
+                                                        for y in split["labels"]]) for name, split in dsd.items()})
+
+
 def test_same_seed_gives_identical_weights(tmp_path):
-    dsd = feature_dataset()
-    dsd.save_to_disk(tmp_path / "data")
-    runs = []
-    for name in ("a", "b"):
+    text_feature_dataset().save_to_disk(tmp_path / "data")
+
+    def weights(name, seed):
         settings = RunSettings(dataset=str(tmp_path / "data"), output_dir=str(tmp_path / name), stage_epochs=(1, 1, 1),
-                               batch_size=16, seed=7)
+                               batch_size=16, seed=seed)
         run_training(settings)
-        runs.append(load_file(str(tmp_path / name / "model.safetensors")))
-    assert runs[0].keys() == runs[1].keys()
-    for key in runs[0]:
-        assert np.array_equal(runs[0][key].numpy(), runs[1][key].numpy()), key
-    # and a different seed gives a different model (the test can fail)
-    settings = RunSettings(dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "c"), stage_epochs=(1, 1, 1),
-                           batch_size=16, seed=8)
-    run_training(settings)
-    other = load_file(str(tmp_path / "c" / "model.safetensors"))
-    assert any(not np.array_equal(runs[0][k].numpy(), other[k].numpy()) for k in runs[0])
+        vocab = json.loads((tmp_path / name / "tokenizer.json").read_text())["model"]["vocab"]
+        return load_file(str(tmp_path / name / "model.safetensors")), vocab
+
+    (first, first_tokenizer), (second, second_tokenizer) = weights("a", 7), weights("b", 7)
+    assert first_tokenizer == second_tokenizer  # the trained tokenizer gives every word the same id
+    assert first.keys() == second.keys()
+    for key in first:
+        assert np.array_equal(first[key].numpy(), second[key].numpy()), key
+    other, _ = weights("c", 8)  # and a different seed gives a different model (the test can fail)
+    assert any(not np.array_equal(first[k].numpy(), other[k].numpy()) for k in first)
 
 
 # ------------------------------------------------------------------------------------------------ unclear errors
