@@ -83,6 +83,11 @@ def check_settings(settings: RunSettings) -> None:
             continue
         if len(values) != 3 or any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError(f"{name} {list(values)} must be three finite numbers >= 0 (0 skips a stage).")
+    for k in (1, 2, 3):  # the same limits for a stage's epochs given as --config-arg stage<k>_epochs=...
+        value = settings.config_overrides.get(f"stage{k}_epochs")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise ValueError(f"--config-arg stage{k}_epochs={value!r} must be a finite number >= 0 (0 skips the stage).")
     if settings.stage_epochs is not None and sum(settings.stage_epochs) <= 0:
         raise ValueError(f"--stage-epochs {list(settings.stage_epochs)} trains nothing; give at least one stage > 0.")
     for name, value in (("--epochs", settings.epochs), ("--learning-rate", settings.learning_rate)):
@@ -233,13 +238,38 @@ def write_run_marker(output_dir: Path, settings: RunSettings, data: dict, **stat
     tmp.replace(output_dir / RUN_MARKER)
 
 
+# What a run folder holds besides the files its marker lists (written before the list exists, or by `dmil evaluate`).
+RUN_ENTRIES = (RUN_MARKER, "checkpoints", "adapters", "final", "metrics.json", "interaction_profile.json",
+               "interaction_weights.png")
+
+
+def _remove_run(path: Path) -> None:
+    """Delete the run in `path`. With a marker that lists the run's files, only those (and the run's own folders and
+    `eval_*.json` reports) go, and anything else, the user's, stays with a warning; a run written before the list
+    existed is removed whole."""
+    marker = _read_json(path / RUN_MARKER)
+    listed = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(listed, list):
+        shutil.rmtree(path)
+        return
+    ours = set(listed) | set(RUN_ENTRIES)
+    kept = []
+    for entry in path.iterdir():
+        if entry.name in ours or (entry.name.startswith("eval_") and entry.suffix == ".json"):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            kept.append(entry.name)
+    if kept:
+        logger.warning("--overwrite: kept %s in %s: dmil did not write them.", sorted(kept), path)
+
+
 def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, kind: str | None = None) -> Path:
     """Make `output_dir` ready to train into; an earlier run there is deleted only with `overwrite` and only when it
     is recognisably a dmil run (`check_output_dir` decides, and refuses everything else)."""
     path = Path(output_dir)
     kind = kind or check_output_dir(path, resume, overwrite)
     if overwrite and kind in ("running", "finished"):
-        shutil.rmtree(path)
+        _remove_run(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -393,6 +423,10 @@ def run_training(settings: RunSettings) -> dict:
     state = PartialState()
     dsd = load_dataset_from_name_or_path(settings.dataset, **settings.dataset_kwargs)
     schema = inspect_dataset(dsd)
+    unused = sorted(m for m in settings.pretrained if m not in schema.modalities)
+    if unused:
+        raise ValueError(f"{', '.join(f'--{m}-model' for m in unused)} given, but the dataset has no such modality "
+                         f"(it has {list(schema.modalities)}); drop the option or use a dataset with that column.")
     label_warnings = check_label_coverage(dsd, schema.num_labels)
     for warning in label_warnings:
         logger.warning(warning)
@@ -408,6 +442,7 @@ def run_training(settings: RunSettings) -> dict:
     before = 0.0
     if state.is_main_process:
         prepare_output_dir(output_dir, settings.resume, settings.overwrite, kind)
+        foreign = {p.name for p in output_dir.iterdir()} - set(RUN_ENTRIES)  # kept by --overwrite: not ours to list
         marker = _read_json(output_dir / RUN_MARKER) if settings.resume else None
         before = float(marker.get("train_seconds_saved", 0.0)) if isinstance(marker, dict) else 0.0
         sessions = (int(marker.get("sessions", 1)) + 1) if isinstance(marker, dict) else 1
@@ -472,7 +507,9 @@ def run_training(settings: RunSettings) -> dict:
 
         plot_interaction_weights(predictions["interaction_weights"], dsd["test"]["interaction"],
                                  model.config.component_names, output_dir / "interaction_weights.png")
-    write_run_marker(output_dir, settings, data, status="finished", train_seconds_saved=metrics["train_seconds"])
+    files = [p.name for p in output_dir.iterdir() if p.name not in foreign and p.name != f".{RUN_MARKER}.tmp"]
+    write_run_marker(output_dir, settings, data, status="finished", train_seconds_saved=metrics["train_seconds"],
+                     files=sorted(set(files) | {RUN_MARKER}))
     # The per-epoch checkpoints only serve --resume; a finished run keeps its final model, not them.
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     if settings.push_to_hub:

@@ -349,3 +349,35 @@ def test_train_push_to_hub_checks_the_hub_before_training(tmp_path, data_dir, mo
     assert train(data_dir, tmp_path / "out", "--push-to-hub", "--hub-model-id", "me/dmil") == 2
     assert "cannot be reached" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_removes_only_what_the_run_wrote(tmp_path, data_dir, caplog):
+    out = tmp_path / "run"
+    assert train(data_dir, out) == 0
+    assert main(["evaluate", "--model", str(out), "--dataset", str(data_dir)]) == 0
+    (out / "my_notes.txt").write_text("observations")
+    assert train(data_dir, out, "--overwrite", "--seed", "1") == 0
+    assert (out / "my_notes.txt").read_text() == "observations"
+    assert not list(out.glob("eval_*.json"))  # the old run's report went with it
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 1
+    assert "my_notes.txt" not in json.loads((out / RUN_MARKER).read_text())["files"]
+    with caplog.at_level(logging.WARNING, logger="dmil_hf.experiment"):
+        assert train(data_dir, out, "--overwrite", "--seed", "2") == 0
+    assert (out / "my_notes.txt").read_text() == "observations"
+    assert any("my_notes.txt" in r.getMessage() and "did not write" in r.getMessage() for r in caplog.records)
+
+
+def test_stage_epochs_through_config_arg_and_unused_tower_are_refused(tmp_path, data_dir, capsys):
+    assert train(data_dir, tmp_path / "out", "--config-arg", "stage2_epochs=-3") == 2
+    assert "stage2_epochs=-3 must be a finite number >= 0" in capsys.readouterr().err
+    import shutil
+
+    tower = tmp_path / "tower"  # a loadable config, for a modality the feature dataset lacks
+    tower.mkdir()
+    from dmil_hf.towers import text_tower_config
+
+    text_tower_config().save_pretrained(tower)
+    assert train(data_dir, tmp_path / "out", "--text-model", str(tower)) == 2
+    assert "--text-model given, but the dataset has no such modality" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(tower)
