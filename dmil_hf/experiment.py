@@ -87,7 +87,8 @@ def check_settings(settings: RunSettings) -> None:
         value = settings.config_overrides.get(f"stage{k}_epochs")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
-            raise ValueError(f"--config-arg stage{k}_epochs={value!r} must be a finite number >= 0 (0 skips the stage).")
+            raise ValueError(f"--config-arg stage{k}_epochs={value!r} must be a finite number >= 0 "
+                             "(0 skips the stage).")
     if settings.stage_epochs is not None and sum(settings.stage_epochs) <= 0:
         raise ValueError(f"--stage-epochs {list(settings.stage_epochs)} trains nothing; give at least one stage > 0.")
     for name, value in (("--epochs", settings.epochs), ("--learning-rate", settings.learning_rate)):
@@ -404,7 +405,13 @@ def run_training(settings: RunSettings) -> dict:
     """Train `settings.method` on `settings.dataset` and write the checkpoint, processor and `metrics.json`.
 
     Every check (settings, `--output-dir`, the dataset, pretrained towers, the Hub target) runs before anything is
-    deleted or trained: an earlier run is removed (`overwrite`) only once the new one is known to start."""
+    deleted or trained: an earlier run is removed (`overwrite`) only once the new one is known to start.
+
+    Reproducibility: on CPU, the same settings and seed give bit-identical weights (the tokenizer of random text towers
+    is built deterministically; model init, data order and dropout follow the seed). What can still change them: the
+    torch thread count (recorded as `torch_num_threads` in metrics.json; it changes the order of float reductions),
+    other torch / transformers versions, and on GPU non-deterministic kernels (`full_determinism=True` selects
+    deterministic ones)."""
     from accelerate import PartialState
     from transformers import TrainingArguments
 

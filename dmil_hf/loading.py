@@ -71,8 +71,8 @@ def check_complete(model, model_dir: str | Path) -> None:
     if missing:
         raise ValueError(f"the checkpoint in {str(model_dir)!r} is incomplete: its weights lack {len(missing)} of the "
                          f"model's {len(expected)} tensors ({', '.join(missing[:5])}"
-                         f"{', ...' if len(missing) > 5 else ''}), which would be initialised at random. Expected every "
-                         "tensor that save_pretrained writes; re-save or re-download the checkpoint.")
+                         f"{', ...' if len(missing) > 5 else ''}), which would be initialised at random. Expected "
+                         "every tensor that save_pretrained writes; re-save or re-download the checkpoint.")
 
 
 def load_model(model_dir: str | Path, allow_pickle: bool = False, **kwargs):
