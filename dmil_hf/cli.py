@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError) as err:
         # Errors at the public boundary already say what was wrong: print them without a traceback.
         print(f"dmil {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -730,9 +730,39 @@ def export_model(model_dir, output_dir, overwrite: bool = False, allow_pickle: b
 # ------------------------------------------------------------------------------------------------ push
 
 
+class HubUnreachableError(ConnectionError):
+    """The Hub cannot be reached (offline mode, no network) or refuses the token; raised before any work is done."""
+
+
+def check_hub_reachable(token: str) -> str:
+    """Ask the Hub who `token` belongs to; returns the user name, or raises `HubUnreachableError` in one line."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        info = HfApi(token=token).whoami()
+    except OfflineModeIsEnabled:
+        raise HubUnreachableError(f"the Hub ({constants.ENDPOINT}) cannot be reached: offline mode is on "
+                                  "(HF_HUB_OFFLINE=1); unset it to push.") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        raise HubUnreachableError(f"the Hub ({constants.ENDPOINT}) refused the token (HTTP {status}); check it with "
+                                  "`hf auth whoami` or log in again with `hf auth login`.") from None
+    except (OSError, ValueError) as err:  # connection refused, DNS, timeouts (requests / httpx errors are OSErrors)
+        raise HubUnreachableError(f"the Hub ({constants.ENDPOINT}) cannot be reached with this token: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    except Exception as err:  # httpx' transport errors are not OSErrors
+        if not type(err).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):  # httpx2, httpcore2 too
+            raise
+        raise HubUnreachableError(f"the Hub ({constants.ENDPOINT}) cannot be reached with this token: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    return info.get("name", "") if isinstance(info, dict) else ""
+
+
 def check_push_target(repo_id, token: str | None = None, create_pr: bool = False,
-                      revision: str | None = None) -> str:
-    """Validate a push before any work is done (a training run checks this first); returns the token to use."""
+                      revision: str | None = None, check_reachable: bool = True) -> str:
+    """Validate a push before any work is done (a training run checks this first): the repo id, the token, and
+    (`check_reachable`) that the Hub answers to that token. Returns the token to use."""
     from huggingface_hub import get_token
 
     if not isinstance(repo_id, str) or not _HUB_ID.match(repo_id):
@@ -743,6 +773,8 @@ def check_push_target(repo_id, token: str | None = None, create_pr: bool = False
     token = token or get_token()
     if token is None:
         raise ValueError("no Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token= (--token).")
+    if check_reachable:
+        check_hub_reachable(token)
     return token
 
 
@@ -788,8 +820,10 @@ def push_model(model_dir, repo_id: str, private: bool = False, create_pr: bool =
 __all__ = [
     "CARD_TAGS",
     "ExportCheckError",
+    "HubUnreachableError",
     "PAPER_CITATION",
     "TEMPLATE_PATH",
+    "check_hub_reachable",
     "check_inputs",
     "check_push_target",
     "export_model",

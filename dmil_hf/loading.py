@@ -44,16 +44,51 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> Path:
     return model_dir
 
 
+def saved_tensor_names(model_dir: str | Path) -> set[str] | None:
+    """Names of the tensors stored in `model_dir`'s safetensors file(s), read from their headers; None when the
+    folder holds no safetensors weights (pickle only)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    path = model_dir / "model.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        return set(handle.keys())
+
+
+def check_complete(model, model_dir: str | Path) -> None:
+    """Refuse a model whose saved weights lack some of its tensors: `from_pretrained` would have initialised those at
+    random and only logged it. Raises ValueError naming the folder and the missing tensors."""
+    names = saved_tensor_names(model_dir)
+    if names is None:
+        return
+    expected = set(model.state_dict())
+    # Tied weights are stored once; their other names are legitimately absent.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = sorted(k for k in expected - names if k not in tied)
+    if missing:
+        raise ValueError(f"the checkpoint in {str(model_dir)!r} is incomplete: its weights lack {len(missing)} of the "
+                         f"model's {len(expected)} tensors ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}), which would be initialised at random. Expected "
+                         "every tensor that save_pretrained writes; re-save or re-download the checkpoint.")
+
+
 def load_model(model_dir: str | Path, allow_pickle: bool = False, **kwargs):
-    """Load a DMIL or baseline classifier from a folder, after checking its weights."""
+    """Load a DMIL or baseline classifier from a folder, after checking its weights; a checkpoint that lacks some of
+    the model's tensors is refused (see `check_complete`)."""
     import dmil_hf  # noqa: F401  (registers the dmil model types with the Auto classes)
     from transformers import AutoModelForSequenceClassification
 
     model_dir = check_weights(model_dir, allow_pickle=allow_pickle)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=not allow_pickle or None, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=not allow_pickle or None,
+                                                                   **kwargs)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"could not load the weights in {model_dir}: {err}") from None
+    check_complete(model, model_dir)
+    return model
 
 
-__all__ = ["check_weights", "load_model"]
+__all__ = ["check_complete", "check_weights", "load_model", "saved_tensor_names"]

@@ -48,6 +48,12 @@ class MultimodalClassificationPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model.eval()  # DMIL's bottlenecks sample in training mode; predictions use their means
+        # from_pretrained re-initialises tensors a checkpoint lacks and only logs it: refuse such a model here.
+        source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", None)
+        if isinstance(source, str) and os.path.isdir(source):
+            from .loading import check_complete
+
+            check_complete(self.model, source)
 
     def _sanitize_parameters(self, top_k=None, sampling_rate=None, **kwargs):
         if kwargs:

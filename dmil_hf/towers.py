@@ -59,14 +59,27 @@ def tower_configs(modalities: Iterable[str], size: str = "tiny", vocab_size: int
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> BertTokenizerFast:
-    """A lower-cased WordPiece tokenizer trained on `texts` (for randomly initialised text towers)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-cased WordPiece tokenizer for `texts` (for randomly initialised text towers), the same in every process.
+
+    The vocabulary is built here rather than by `tokenizers`' WordPiece trainer, whose token ids (and, on ties, its
+    vocabulary) change from one process to the next (Rust's randomly seeded hash maps): the same seed then gave a
+    different model. Ids: the special tokens, every character and its `##` continuation (sorted), then whole words by
+    frequency (ties in alphabetical order) up to `vocab_size`. Unknown words split into known words and characters.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet = sorted({char for word in counts for char in word})
+    vocab = special + alphabet + [f"##{char}" for char in alphabet]
+    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])

@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,52 @@ def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
         )
 
 
+def checkpoint_problem(folder) -> str | None:
+    """Why the Trainer checkpoint `folder` cannot be resumed from (a file missing, truncated or unreadable, as a kill
+    during the save leaves it), or None when every file it needs reads back."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as err:
+        return f"{state} is missing or unreadable ({type(err).__name__})"
+    weights = folder / "model.safetensors"
+    try:
+        load_file(str(weights))
+    except Exception as err:  # SafetensorError, OSError: a truncated or absent file
+        return f"{weights} is missing or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated zip archive
+            return f"{path} is truncated or unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def last_complete_checkpoint(stage_dir) -> str | None:
+    """The newest `checkpoint-<step>` in `stage_dir` that reads back completely; a newer broken one (a kill during its
+    save) is skipped with a warning naming the broken file. None when the stage has no checkpoint yet; if every
+    checkpoint is broken, a ValueError names them (delete them to restart the stage)."""
+    stage_dir = Path(stage_dir)
+    pattern = re.compile(r"^checkpoint-(\d+)$")
+    found = sorted((int(m.group(1)), p) for p in stage_dir.iterdir() if p.is_dir() and (m := pattern.match(p.name)))
+    problems = []
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for broken in problems:
+                logger.warning("Resume: skipping a broken checkpoint: %s; continuing from %s instead.", broken, folder)
+            return str(folder)
+        problems.append(problem)
+    if problems:
+        raise ValueError(f"--resume: no checkpoint in {str(stage_dir)!r} reads back completely: {'; '.join(problems)}. "
+                         f"Delete {str(stage_dir)!r} to restart that stage from the previous stage's best model.")
+    return None
+
+
 def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
                  data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
                  greater_is_better: bool = True, processor=None) -> list[dict]:
@@ -140,7 +186,7 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         stage_args = _stage_arguments(args, stage, model, greater_is_better, f"eval_{metric}")
         trainer = DmilTrainer(model=model, args=stage_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               compute_metrics=compute_metrics, data_collator=data_collator, callbacks=callbacks)
-        last = get_last_checkpoint(str(stage_dir)) if resume and stage_dir.exists() else None
+        last = last_complete_checkpoint(stage_dir) if resume and stage_dir.exists() else None
         output = trainer.train(resume_from_checkpoint=last)
         record = {
             "stage": stage["name"],
@@ -249,6 +295,8 @@ def load_lora_adapters(model, directory: str | Path) -> list[str]:
 __all__ = [
     "DmilTrainer",
     "apply_lora",
+    "checkpoint_problem",
+    "last_complete_checkpoint",
     "load_lora_adapters",
     "lora_target_modules",
     "merge_lora",

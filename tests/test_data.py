@@ -128,6 +128,29 @@ def test_load_errors(tmp_path):
     assert dataset_metadata(load_dataset_from_name_or_path(tmp_path / "dsd")) == {}
 
 
+def test_text_column_holding_none_is_refused(tmp_path):
+    columns = valid_columns()
+    columns["text"][2] = None
+    dsd = dsd_of(columns)
+    with pytest.raises(ValueError, match=r"column 'text' in split 'train' holds None in 1 row\(s\) \(first: \[2\]\); "
+                                         "expected a string in every row"):
+        inspect_dataset(dsd)
+    dsd.save_to_disk(tmp_path / "none")
+    with pytest.raises(ValueError, match="column 'text' in split 'train' holds None"):
+        load_dataset_from_name_or_path(tmp_path / "none")
+
+
+def test_empty_train_split_saved_to_disk_is_named(tmp_path):
+    full = Dataset.from_dict(valid_columns())
+    DatasetDict(train=full.select([]), validation=full, test=full).save_to_disk(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"split 'train' of the dataset at .*empty.* is empty \(it was saved with no "
+                                         r"rows\); every split .* needs at least one row"):
+        load_dataset_from_name_or_path(tmp_path / "empty")
+    # and in memory
+    with pytest.raises(ValueError, match="split 'train' is empty"):
+        inspect_dataset(DatasetDict(train=full.select([]), validation=full, test=full))
+
+
 # -------------------------------------------------------------------- synthetic
 
 

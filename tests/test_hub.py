@@ -241,6 +241,8 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def answer(self, path, query, body):
+        if path == "/api/whoami-v2":  # push_model checks that the Hub answers to the token before any work
+            return 200, {"name": "me", "type": "user", "orgs": []}
         if path == "/api/repos/create":
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"

@@ -129,6 +129,51 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
+    """A kill during a checkpoint save leaves a truncated model.safetensors: resume from the previous complete
+    checkpoint (still exact), and say which file was broken; with no complete one left, refuse naming the files."""
+    data = encoded(feature_dataset())
+    kwargs = dict(stage1_epochs=1, stage2_epochs=3, stage3_epochs=1)
+    reference = feature_model(**kwargs)
+    train_staged(reference, args_for(tmp_path / "full"), data["train"], data["validation"],
+                 compute_metrics=make_compute_metrics())
+    interrupted = feature_model(**kwargs)
+    with pytest.raises(KeyboardInterrupt):  # stage 2 crashes in its 3rd epoch: checkpoint-4 and checkpoint-8 exist
+        train_staged(interrupted, args_for(tmp_path / "resumed"), data["train"], data["validation"],
+                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage2", 10)])
+    stage2 = tmp_path / "resumed" / "stage2"
+    assert sorted(p.name for p in stage2.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    broken = stage2 / "checkpoint-8" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    from dmil_hf.training import last_complete_checkpoint
+
+    with caplog.at_level("WARNING", logger="dmil_hf.training"):
+        assert last_complete_checkpoint(stage2) == str(stage2 / "checkpoint-4")
+    assert any(str(broken) in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    resumed = feature_model(seed=123, **kwargs)
+    train_staged(resumed, args_for(tmp_path / "resumed"), data["train"], data["validation"],
+                 compute_metrics=make_compute_metrics(), resume=True)
+    for (name, p), (_, q) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_resume_with_every_checkpoint_truncated_names_the_files(tmp_path):
+    data = encoded(feature_dataset())
+    model = feature_model(stage1_epochs=3, stage2_epochs=0, stage3_epochs=0)
+    with pytest.raises(KeyboardInterrupt):
+        train_staged(model, args_for(tmp_path), data["train"], data["validation"],
+                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage1", 10)])
+    checkpoints = sorted((tmp_path / "stage1").glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        path = checkpoint / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="no checkpoint .* reads back completely") as info:
+        train_staged(feature_model(stage1_epochs=3, stage2_epochs=0, stage3_epochs=0), args_for(tmp_path),
+                     data["train"], data["validation"], compute_metrics=make_compute_metrics(), resume=True)
+    assert all(str(c / "model.safetensors") in str(info.value) for c in checkpoints)
+
+
 def tower_rows(tester, n=48):
     inputs = tester.inputs(n)
     return Dataset.from_dict({**{k: v.numpy() for k, v in inputs.items()},
@@ -235,7 +280,7 @@ def test_cli_train_then_evaluate_user_dataset(tmp_path):
     assert report["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
 
 
-def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path):
+def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path, capsys):
     dsd = feature_dataset(n=120)
     dsd.save_to_disk(tmp_path / "data")
     out = tmp_path / "model"
@@ -244,9 +289,14 @@ def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path):
     subset = DatasetDict({k: v.remove_columns("beta_features").add_column(
         "gamma_features", [[0.0, 1.0]] * len(v)) for k, v in dsd.items()})
     subset.save_to_disk(tmp_path / "subset")
+    capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "subset"), "--output",
                  str(tmp_path / "eval.json")]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["test"]["n"] == 24
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["test"]["n"] == 24
+    assert result["modalities_absent"] == ["beta"] and result["modalities_ignored"] == ["gamma"]
+    err = capsys.readouterr().err
+    assert "modalities ['beta'] are absent" in err and "modalities ['gamma'] are not the model's: ignored" in err
 
 
 @pytest.mark.parametrize("breakage,message", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -35,11 +36,26 @@ def run(args) -> int:
     if not shared:
         raise ValueError(f"the dataset's modalities {list(schema.modalities)} share none with the model's "
                          f"{list(model.config.modalities)}.")
+    absent = [m for m in model.config.modalities if m not in shared]
+    ignored = [m for m in schema.modalities if m not in model.config.modalities]
+    notes = []
+    if absent:
+        notes.append(f"the model's modalities {absent} are absent from the dataset: evaluated without them (the model "
+                     "uses only the components the present ones support)")
+    if ignored:
+        notes.append(f"the dataset's modalities {ignored} are not the model's: ignored")
+    for note in notes:
+        print(f"dmil evaluate: warning: {note}.", file=sys.stderr)
     needs_processor = any(m in ("text", "vision", "audio") for m in shared)
     processor = AutoProcessor.from_pretrained(args.model) if needs_processor else None
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
-    output.write_text(json.dumps({"test": report}, indent=2))
+    result = {"test": report, "modalities_used": shared}
+    if absent:
+        result["modalities_absent"] = absent
+    if ignored:
+        result["modalities_ignored"] = ignored
+    output.write_text(json.dumps(result, indent=2))
     print(json.dumps(report, indent=2))
     return 0

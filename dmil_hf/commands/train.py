@@ -21,10 +21,17 @@ def add_parser(subparsers):
     p.add_argument("--epochs", type=float, help="baselines: epochs (default: DMIL's total)")
     p.add_argument("--learning-rate", type=float, help="baselines: learning rate")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds model init, data order and dropout: on CPU the same seed, settings and thread count "
+                        "give identical weights")
     p.add_argument("--lora", action="store_true", help="LoRA on the transformer towers; the head trains fully")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="with --resume: continue even though settings or data differ from the interrupted run's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --output-dir (only a folder dmil wrote; checked before deleting)")
+    p.add_argument("--full-determinism", action="store_true",
+                   help="transformers' enable_full_determinism: torch deterministic algorithms (slower on GPU)")
     p.add_argument("--push-to-hub", action="store_true",
                    help="push the finished model (exported with remote code and card) to --hub-model-id")
     p.add_argument("--hub-model-id", help="user/name or org/name on the Hub")
@@ -38,12 +45,12 @@ def add_parser(subparsers):
     return p
 
 
-def parse_key_values(pairs) -> dict:
+def parse_key_values(pairs, option: str = "--dataset-arg") -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--dataset-arg {pair!r} must look like KEY=VALUE.")
+        if not sep or not key:
+            raise ValueError(f"{option} {pair!r} must look like KEY=VALUE.")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -62,12 +69,16 @@ def run(args) -> int:
         epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
         lora=args.lora, resume=args.resume, overwrite=args.overwrite, report_to=args.report_to,
         dataset_kwargs=parse_key_values(args.dataset_arg), tower_pooling=args.pooling,
-        config_overrides=parse_key_values(args.config_arg), push_to_hub=args.push_to_hub,
-        hub_model_id=args.hub_model_id, hub_private=args.hub_private,
+        config_overrides=parse_key_values(args.config_arg, "--config-arg"), push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id, hub_private=args.hub_private, resume_with_changes=args.resume_with_changes,
+        full_determinism=args.full_determinism,
     )
     metrics = run_training(settings)
     if metrics:
-        print(json.dumps({"test": metrics["test"], "train_seconds": round(metrics["train_seconds"], 1)}, indent=2))
+        summary = {"test": metrics["test"], "train_seconds": round(metrics["train_seconds"], 1)}
+        if metrics.get("sessions", 1) > 1:
+            summary["train_seconds_this_session"] = round(metrics["train_seconds_this_session"], 1)
+        print(json.dumps(summary, indent=2))
         if metrics.get("hub_commit_url"):
             print(f"Pushed to the Hub: {metrics['hub_commit_url']}")
     return 0

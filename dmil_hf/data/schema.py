@@ -101,6 +101,11 @@ def _check_types(split_name: str, split: Dataset, columns: list) -> None:
         feature = features[column]
         if column == "text" and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
             raise ValueError(f"column 'text' in split {split_name!r} has type {feature}; expected strings.")
+        if column == "text" and _arrow_column(split, "text").null_count:
+            array = _arrow_column(split, "text")
+            rows = [i for i, v in enumerate(array.is_null().to_pylist()) if v]
+            raise ValueError(f"column 'text' in split {split_name!r} holds None in {len(rows)} row(s) (first: "
+                             f"{rows[:5]}); expected a string in every row (use '' for an empty text).")
         if column == "image":
             _check_image(feature, split_name)
         if column == "audio":
@@ -254,6 +259,7 @@ def load_dataset_from_name_or_path(name_or_path, **builder_kwargs) -> DatasetDic
         if not os.path.exists(name):
             raise FileNotFoundError(f"dataset {name!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
                                     "nor an existing folder written by DatasetDict.save_to_disk.")
+        _check_saved_splits_not_empty(name)
         try:
             dsd = load_from_disk(name)
         except (FileNotFoundError, ValueError, OSError) as error:
@@ -263,6 +269,24 @@ def load_dataset_from_name_or_path(name_or_path, **builder_kwargs) -> DatasetDic
                              "(DatasetDict(train=..., validation=..., test=...).save_to_disk(path)).")
     inspect_dataset(dsd)
     return dsd
+
+
+def _check_saved_splits_not_empty(path: str) -> None:
+    """A split saved with no rows has no Arrow file, and `load_from_disk` fails on it with an IndexError: say so."""
+    import json
+
+    index = os.path.join(path, "dataset_dict.json")
+    if not os.path.isfile(index):
+        return
+    try:
+        splits = json.loads(open(index).read()).get("splits", [])
+        for split in splits:
+            state = os.path.join(path, split, "state.json")
+            if os.path.isfile(state) and not json.loads(open(state).read()).get("_data_files"):
+                raise ValueError(f"split {split!r} of the dataset at {path!r} is empty (it was saved with no rows); "
+                                 "every split (train, validation, test) needs at least one row.")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # not our concern here: load_from_disk reports unreadable folders below
 
 
 def dataset_metadata(dsd) -> dict:
