@@ -694,11 +694,12 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         component_logits = torch.stack([head(out.component_embeds[:, k]) for k, head in enumerate(self.component_heads)], 1)
         gate_logits = self.gate(out.component_embeds.flatten(1)).masked_fill(~component_mask, float("-inf"))
         weights = gate_logits.softmax(-1)
+        gated = (weights.unsqueeze(-1) * component_logits).sum(1)
         if stage == 1:
             present = mask.unsqueeze(-1).to(unimodal_logits.dtype)
             logits = (unimodal_logits * present).sum(1) / present.sum(1)
         else:
-            logits = (weights.unsqueeze(-1) * component_logits).sum(1)
+            logits = gated
         if labels is not None and self.training and config.problem_type != "regression":
             self.label_prior.update(labels)
         modality_logits = torch.stack(
@@ -713,7 +714,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         terms = dict(out.loss_terms)
         loss = None
         if labels is not None:
-            terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * component_logits).sum(1), labels).mean()
+            terms["task_gated"] = self._task_loss(gated, labels).mean()
             for i, m in enumerate(config.modalities):
                 terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
                 terms[f"readout_{m}"] = masked_mean(self._task_loss(modality_logits[:, i], labels), mask[:, i])
