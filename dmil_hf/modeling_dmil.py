@@ -192,7 +192,7 @@ def _check_checkpoint_path(path, kwargs) -> None:
     if not isinstance(path, (str, os.PathLike)):
         return
     path = os.fspath(path)
-    folder = os.path.join(path, kwargs.get("subfolder") or "")
+    folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
     if os.path.isfile(path):
         raise OSError(f"{path!r} is a file; from_pretrained expects the folder written by save_pretrained "
                       "(holding config.json and model.safetensors).")
@@ -357,8 +357,8 @@ class DmilEncoders(nn.Module):
     def _check_main_input(self, modality, main, tensor):
         key = f"{modality}_{main}"
         if main in _FLOAT_INPUTS and not tensor.is_floating_point():
-            hint = (" (raw 0-255 pixels?); expected the image processor's float output (rescaled and normalised): "
-                    "pass images= through DmilProcessor, or convert with the tower's normalisation"
+            hint = (" (raw 0-255 pixels?); expected the image processor's float output (rescaled to [0, 1], then "
+                    "normalised): pass images= through DmilProcessor, or convert, e.g. (x.float() / 255 - mean) / std"
                     if main == "pixel_values" else "; expected a floating-point tensor")
             raise TypeError(f"Input {key} has dtype {tensor.dtype}{hint}.")
         if main == "input_ids" and tensor.is_floating_point():
