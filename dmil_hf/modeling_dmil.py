@@ -29,8 +29,6 @@ _FLOAT_INPUTS = ("pixel_values", "input_values", "input_features", "features")
 # Largest magnitude accepted in a floating-point input. Normalised model inputs are a few units; far beyond this, a
 # tower's LayerNorm squares values past float32's range and returns NaN (pixel values of 1e30 did) with no error.
 MAX_INPUT_MAGNITUDE = 1e6
-# The arguments every DMIL forward takes besides the modality inputs (in this order in the visible signature).
-_COMMON_ARGUMENTS = ("modality_mask", "return_dict", "output_hidden_states", "output_attentions")
 
 
 def value_checks_enabled(config, *tensors) -> bool:

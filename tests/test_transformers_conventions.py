@@ -267,16 +267,25 @@ def test_multi_label_is_refused_by_design():
 # --- export and compile ----------------------------------------------------------------------------------------
 
 
-def test_torch_export_reproduces_eager_outputs():
-    tester = ModelTester(("text", "vision", "alpha"))
-    model = DmilForMultimodalClassification(tester.config()).eval()
+@pytest.mark.parametrize("method,modalities", [("dmil", ("text", "vision", "alpha")), ("joint", ("alpha", "beta")),
+                                               ("ensemble", ("alpha", "beta")), ("i2moe", ("alpha", "beta"))])
+def test_torch_export_reproduces_eager_outputs(method, modalities):
+    """`torch.export.export` (non-strict, the default) of the eval-mode model on fixed shapes, with a per-sample
+    modality mask (the missing-modality path is traced too)."""
+    tester = ModelTester(modalities)
+    model = _build(method, tester).eval()
     inputs = tester.inputs()
+    inputs["modality_mask"] = torch.ones(tester.batch_size, len(modalities), dtype=torch.bool)
+    inputs["modality_mask"][1, 0] = False
     with torch.no_grad():
         expected = model(**inputs)
     exported = torch.export.export(model, (), inputs)
     with torch.no_grad():
         got = exported.module()(**inputs)
-    for field in ("logits", "interaction_weights", "component_logits", "component_embeds"):
+    fields = [f for f in ("logits", "interaction_weights", "component_logits", "component_embeds", "unimodal_logits")
+              if expected.get(f) is not None]
+    assert "logits" in fields
+    for field in fields:
         torch.testing.assert_close(got[field], expected[field], rtol=1e-5, atol=1e-5)
 
 
@@ -407,3 +416,16 @@ def test_plain_trainer_on_two_named_feature_modalities(method, tmp_path):
     # The unused column was removed, the modality columns kept.
     kept = set(trainer._remove_unused_columns(dataset).column_names)
     assert kept == {"acoustic_mfcc_features", "gaze_features", "label"}
+
+
+def test_profile_compile_reports_eager_and_compiled_step_times():
+    from dmil_hf.profiling import profile_compile
+
+    torch.manual_seed(0)
+    model = build_model("joint", DmilConfig(feature_modalities={"a": 4, "b": 3}, num_labels=2, hidden_size=16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = profile_compile(model, batch_size=8, steps=2)
+    assert result["eager_step_ms"] > 0 and result["compiled_step_ms"] > 0 and result["compile_seconds"] > 0
+    assert result["speedup"] == pytest.approx(result["eager_step_ms"] / result["compiled_step_ms"])
+    # It trains copies: the model passed in is untouched.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
