@@ -21,6 +21,7 @@ from .modeling_dmil import (
     DmilForMultimodalClassification,
     DmilPreTrainedModel,
     masked_mean,
+    problem_type,
 )
 
 # Keys of a saved config that describe where it came from, not what it is: dropped when converting between methods.
@@ -94,6 +95,18 @@ class _DmilBaselineModel(DmilPreTrainedModel):
         # `model.base_model.encoders.towers[m] = tower` swaps in a pretrained tower as it does for DMIL.
         self.encoders = DmilEncoders(config)
 
+    def _encode(self, inputs, labels, modality_mask, return_dict, output_hidden_states, output_attentions):
+        """Label checks and the towers, with the output options resolved against the config."""
+        options = self._output_options(return_dict, output_hidden_states, output_attentions)
+        if labels is not None:
+            self._check_labels(labels, inputs)
+        embeds, mask, hidden_states, attentions = self.encoders.encode(inputs, modality_mask, *options[1:])
+        return options[0], embeds, mask, {"hidden_states": hidden_states, "attentions": attentions}
+
+    @staticmethod
+    def _finish(output: DmilClassifierOutput, return_dict: bool):
+        return output if return_dict else output.to_tuple()
+
 
 class DmilJointForMultimodalClassification(_DmilBaselineModel):
     r"""
@@ -120,22 +133,23 @@ class DmilJointForMultimodalClassification(_DmilBaselineModel):
         self.classifier = _classifier(num * config.hidden_size, config.hidden_size, config.num_labels, config.dropout)
         self.post_init()
 
-    def forward(self, labels=None, modality_mask=None, return_dict=None, **inputs) -> DmilClassifierOutput:
+    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
+                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """
-        if labels is not None:
-            self._check_labels(labels)
-        embeds, mask = self.encoders(inputs, modality_mask)
+        return_dict, embeds, mask, tower_outputs = self._encode(
+            inputs, labels, modality_mask, return_dict, output_hidden_states, output_attentions)
         logits = self.classifier(embeds.flatten(1))
         loss, terms = None, {}
         if labels is not None:
             terms["task"] = loss = self._task_loss(logits, labels).mean()
-        return DmilClassifierOutput(loss=loss, logits=logits, modality_embeds=embeds, modality_mask=mask,
-                                    loss_terms=terms)
+        return self._finish(DmilClassifierOutput(loss=loss, logits=logits, modality_embeds=embeds, modality_mask=mask,
+                                                 loss_terms=terms, **tower_outputs), return_dict)
 
 
 class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
@@ -164,21 +178,22 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
             {m: _classifier(hidden, hidden, config.num_labels, config.dropout) for m in config.modalities})
         self.post_init()
 
-    def forward(self, labels=None, modality_mask=None, return_dict=None, **inputs) -> DmilClassifierOutput:
+    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
+                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """
-        if labels is not None:
-            self._check_labels(labels)
+        return_dict, embeds, mask, tower_outputs = self._encode(
+            inputs, labels, modality_mask, return_dict, output_hidden_states, output_attentions)
         modalities = self.config.modalities
-        embeds, mask = self.encoders(inputs, modality_mask)
         unimodal_logits = torch.stack([self.unimodal_heads[m](embeds[:, i]) for i, m in enumerate(modalities)], 1)
         present = mask.unsqueeze(-1)
         count = mask.sum(1, keepdim=True).to(unimodal_logits.dtype)
-        if self.config.problem_type == "regression":
+        if problem_type(self.config) == "regression":
             logits = (unimodal_logits * present.to(unimodal_logits.dtype)).sum(1) / count
         else:
             # log(mean_m softmax_m) computed stably over the present modalities only.
@@ -189,8 +204,9 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
             for i, m in enumerate(modalities):
                 terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
             loss = sum(terms.values())
-        return DmilClassifierOutput(loss=loss, logits=logits, unimodal_logits=unimodal_logits, modality_embeds=embeds,
-                                    modality_mask=mask, loss_terms=terms)
+        return self._finish(DmilClassifierOutput(
+            loss=loss, logits=logits, unimodal_logits=unimodal_logits, modality_embeds=embeds, modality_mask=mask,
+            loss_terms=terms, **tower_outputs), return_dict)
 
 
 class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
@@ -230,18 +246,19 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
         self.triplet = nn.TripletMarginLoss(margin=1.0, reduction="none")
         self.post_init()
 
-    def forward(self, labels=None, modality_mask=None, return_dict=None, **inputs) -> DmilClassifierOutput:
+    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
+                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression);
                 with labels the interaction losses are computed (in eval mode too, so `loss` has a small random part).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """
-        if labels is not None:
-            self._check_labels(labels)
+        return_dict, embeds, mask, tower_outputs = self._encode(
+            inputs, labels, modality_mask, return_dict, output_hidden_states, output_attentions)
         config = self.config
-        embeds, mask = self.encoders(inputs, modality_mask)
         batch, num = embeds.shape[:2]
         variants = [embeds]
         if labels is not None:
@@ -267,7 +284,7 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
             terms.update(interaction)
             loss = terms["task"] + getattr(config, "i2moe_interaction_weight", 0.1) * torch.stack(
                 list(interaction.values())).mean()
-        return DmilClassifierOutput(
+        return self._finish(DmilClassifierOutput(
             loss=loss,
             logits=logits,
             interaction_weights=weights,
@@ -277,7 +294,8 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
             modality_mask=mask,
             loss_terms=terms,
             component_names=config.component_names,
-        )
+            **tower_outputs,
+        ), return_dict)
 
     def _interaction_losses(self, expert_outputs, mask) -> dict[str, torch.Tensor]:
         """`expert_outputs` (1 + M, B, M + 2, hidden): full input, then modality m replaced; `mask` (B, M)."""
@@ -327,7 +345,8 @@ def build_model(method: str, config: DmilConfig) -> DmilPreTrainedModel:
     config_class, model_class = METHOD_CLASSES[method]
     if type(config) is not config_class:
         values = {k: v for k, v in config.to_dict().items() if k not in _PROVENANCE_KEYS}
-        config = config_class(**values)
+        # from_dict, not the constructor: the other method's own fields (e.g. i2moe_*) are carried, not refused.
+        config = config_class.from_dict(values)
     return model_class(config)
 
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import difflib
+import inspect
 import keyword
 
 from transformers import AutoConfig, PretrainedConfig
@@ -17,6 +21,18 @@ TOWER_INPUTS = {
     "audio": ("input_values", "input_features"),
 }
 RESERVED_NAMES = frozenset(TOWER_MODALITIES) | {"labels", "modality", "interaction", "image"}
+# Keywords every transformers config accepts or writes into config.json (besides the dataclass fields of
+# PretrainedConfig, which are added below): a DmilConfig takes these and refuses any other unknown keyword.
+_STANDARD_CONFIG_KEYS = frozenset({
+    "num_labels", "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions",
+    "attn_implementation", "experts_implementation", "_attn_implementation_internal",
+    "_experts_implementation_internal", "model_type", "auto_map", "transformers_version", "architectures",
+    "use_cache", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+    "decoder_start_token_id", "tokenizer_class", "prefix", "finetuning_task", "task_specific_params",
+    "custom_pipelines", "base_model_tp_plan", "base_model_pp_plan",
+}) | {field.name for field in dataclasses.fields(PretrainedConfig)}
+# True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
+_FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -114,6 +130,14 @@ class DmilConfig(PretrainedConfig):
             with every loss at once (the unimodal ones included), which synergy needs; stage 2 has them frozen.
         training_stage (`int`, defaults to 3): the stage the forward pass computes losses for; stage 1 predicts
             with the mean of the unimodal heads, stages 2 and 3 with the gated components.
+        check_input_values (`bool`, *optional*): the value checks of `forward` (finite inputs of sane magnitude,
+            token ids inside the vocabulary, labels inside `[0, num_labels)`), which read tensor values and so cost a
+            device-to-host sync. `None` (default): run them in eager mode on CPU tensors only, where that costs no
+            sync; `True`: in eager mode on any device (one sync per forward); `False`: never. Under `torch.compile`,
+            `torch.export` and tracing they are always skipped. Shape, rank and dtype checks always run.
+
+    `DmilConfig()` with no argument is valid but empty (no modality): transformers' helpers build configs that way;
+    a model refuses to be built from it. An unknown keyword argument (e.g. a misspelt field) raises a `TypeError`.
     """
 
     model_type = "dmil"
@@ -162,8 +186,10 @@ class DmilConfig(PretrainedConfig):
         stage3_learning_rate: float = 2e-3,
         optimizer: str = "adamw_torch",
         training_stage: int = 3,
+        check_input_values: bool | None = None,
         **kwargs,
     ):
+        self._refuse_unknown_keywords(kwargs)
         self.text_config = _as_config(text_config, "text_config")
         self.vision_config = _as_config(vision_config, "vision_config")
         self.audio_config = _as_config(audio_config, "audio_config")
@@ -182,6 +208,8 @@ class DmilConfig(PretrainedConfig):
             raise ValueError(f"`tower_pooling` is {tower_pooling!r}; expected 'auto', 'mean' or 'cls'.")
         if synergy_source not in ("all", "irrelevant", "embeddings"):
             raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all', 'irrelevant' or 'embeddings'.")
+        if check_input_values not in (None, True, False):
+            raise ValueError(f"`check_input_values` is {check_input_values!r}; expected None, True or False.")
         if training_stage not in (1, 2, 3):
             raise ValueError(f"`training_stage` is {training_stage!r}; expected 1, 2 or 3.")
         for field, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
@@ -222,12 +250,71 @@ class DmilConfig(PretrainedConfig):
         self.stage3_learning_rate = stage3_learning_rate
         self.optimizer = optimizer
         self.training_stage = int(training_stage)
+        self.check_input_values = check_input_values
         super().__init__(**kwargs)
+        # No modality at all is the valid-but-empty default (`DmilConfig()`, as every transformers composite config
+        # allows); a model refuses to be built from it (`validate_for_model`). One modality is a mistake.
+        if len(self.modalities) == 1:
+            raise ValueError(self._modalities_message())
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(f"`num_labels` is {self.num_labels!r}; expected a positive integer (1 for regression).")
+
+    def _modalities_message(self) -> str:
+        return (
+            f"DMIL needs at least two modalities; got {list(self.modalities) or 'none'}. Give two or more of "
+            "text_config, vision_config, audio_config and feature_modalities."
+        )
+
+    def validate_for_model(self) -> None:
+        """Raise if a model cannot be built from this config (e.g. a default-constructed, empty `DmilConfig()`)."""
         if len(self.modalities) < 2:
-            raise ValueError(
-                f"DMIL needs at least two modalities; got {list(self.modalities) or 'none'}. Give two or more of "
-                "text_config, vision_config, audio_config and feature_modalities."
+            empty = " (an empty config, e.g. `DmilConfig()` or a folder without config.json)" if not self.modalities else ""
+            raise ValueError(self._modalities_message() + f" This config has {len(self.modalities)}{empty}.")
+        if self.num_labels is None or self.num_labels < 1:
+            raise ValueError(f"`num_labels` is {self.num_labels!r}; expected a positive integer (1 for regression).")
+
+    def _refuse_unknown_keywords(self, kwargs) -> None:
+        """A misspelt field would otherwise be stored as an extra attribute and have no effect."""
+        if _FROM_SAVED_DICT.get():
+            return
+        # Fields of the whole DMIL config family count as known: a baseline's own field (e.g. `i2moe_temperature`)
+        # given to a plain DmilConfig is carried to the baseline's config by `build_model`.
+        family, stack = [], [DmilConfig]
+        while stack:
+            klass = stack.pop()
+            family.append(klass)
+            stack += klass.__subclasses__()
+        known = {name for klass in family for name in klass._init_parameters()}
+        unknown = sorted(k for k in kwargs if k not in _STANDARD_CONFIG_KEYS and k not in known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise TypeError(
+                f"{type(self).__name__} got unknown keyword argument(s) {', '.join(hints)}. Its fields are "
+                f"{sorted(known)}, plus the standard PretrainedConfig ones (num_labels, id2label, problem_type, ...)."
             )
+
+    @classmethod
+    def _init_parameters(cls) -> list[str]:
+        names = []
+        for klass in cls.__mro__:
+            if klass is PretrainedConfig or not issubclass(klass, PretrainedConfig):
+                break
+            if "__init__" in klass.__dict__:
+                names += [n for n, p in inspect.signature(klass.__dict__["__init__"]).parameters.items()
+                          if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        return names
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As [`PretrainedConfig.from_dict`]; extra keys of a saved config (attributes set before saving) are kept."""
+        token = _FROM_SAVED_DICT.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _FROM_SAVED_DICT.reset(token)
 
     @property
     def modalities(self) -> tuple[str, ...]:

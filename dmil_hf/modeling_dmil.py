@@ -4,8 +4,13 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
+import os
+import struct
+import types
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +25,42 @@ logger = logging.get_logger(__name__)
 
 # Expected rank of each tower's main input (batch first).
 _MAIN_INPUT_RANK = {"input_ids": 2, "pixel_values": 4, "input_values": 2, "input_features": 3}
+# Inputs that must be floating point (an integer tensor there is raw data: uint8 pixels, int16 PCM).
+_FLOAT_INPUTS = ("pixel_values", "input_values", "input_features", "features")
+# Largest magnitude accepted in a floating-point input. Normalised model inputs are a few units; far beyond this, a
+# tower's LayerNorm squares values past float32's range and returns NaN (pixel values of 1e30 did) with no error.
+MAX_INPUT_MAGNITUDE = 1e6
+
+
+def value_checks_enabled(config, *tensors) -> bool:
+    """
+    Whether `forward` reads tensor values to check them (finite, magnitude, id and label ranges). Never under
+    `torch.compile`, `torch.export` or tracing (the checks are data-dependent); otherwise as
+    `config.check_input_values` says: `None` only for CPU tensors (no device-to-host sync), `True` always.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    setting = getattr(config, "check_input_values", None)
+    if setting is None:
+        return all(t.device.type == "cpu" for t in tensors)
+    return bool(setting)
+
+
+def problem_type(config) -> str:
+    """`config.problem_type`, or what transformers infers without one: regression for `num_labels == 1`, else
+    single-label classification (DMIL refuses multi-label)."""
+    if config.problem_type is not None:
+        return config.problem_type
+    return "regression" if config.num_labels == 1 else "single_label_classification"
 
 
 @dataclass
 class DmilModelOutput(ModelOutput):
     """
-    Output of [`DmilModel`]: the decomposed representation of every sample.
+    Output of [`DmilModel`]: the decomposed representation of every sample. As a tuple (`return_dict=False`) the
+    fields that are not None come in this order, the component embeddings first.
 
     Args:
-        loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`):
             redundancy, one uniqueness per modality, synergy, in the order of `component_names`.
         component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`): which components exist
@@ -37,23 +69,33 @@ class DmilModelOutput(ModelOutput):
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): which modalities are present.
         task_relevant_embeds / task_irrelevant_embeds (`torch.FloatTensor` of shape
             `(batch_size, num_modalities, latent_size)`): level-1 latents (samples in training, means in eval).
+        hidden_states (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_hidden_states=True`): each
+            transformers tower's hidden states (embeddings, then one per layer), by modality. Feature-vector towers
+            have none and are absent from the dict.
+        attentions (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_attentions=True`): each tower's
+            attention weights, by modality. A tower returns them only with `attn_implementation="eager"` (SDPA
+            computes none; transformers then warns and the tuple is empty).
+        loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
     """
 
-    loss_terms: dict | None = None
     component_embeds: torch.FloatTensor | None = None
     component_mask: torch.BoolTensor | None = None
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
     task_relevant_embeds: torch.FloatTensor | None = None
     task_irrelevant_embeds: torch.FloatTensor | None = None
+    hidden_states: dict | None = None
+    attentions: dict | None = None
+    loss_terms: dict | None = None
     component_names: tuple | None = None
 
 
 @dataclass
 class DmilClassifierOutput(ModelOutput):
     """
-    Output of [`DmilForMultimodalClassification`].
+    Output of [`DmilForMultimodalClassification`] (and of the baselines, which leave the fields they do not compute
+    None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given).
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage.
@@ -73,6 +115,8 @@ class DmilClassifierOutput(ModelOutput):
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`).
         modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`).
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`).
+        hidden_states / attentions (`dict[str, tuple[torch.FloatTensor]]`, *optional*): the towers', by modality,
+            as in [`DmilModelOutput`].
         loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
         component_names (`tuple[str]`).
     """
@@ -87,6 +131,8 @@ class DmilClassifierOutput(ModelOutput):
     component_embeds: torch.FloatTensor | None = None
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
+    hidden_states: dict | None = None
+    attentions: dict | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
 
@@ -104,13 +150,13 @@ def masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def pointwise_interaction_weights(unimodal_logits, logits, modality_mask, log_prior=None, component_mask=None):
+def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None):
     r"""
     The per-sample interaction readout: how the information about the model's own prediction splits into
     redundancy, uniqueness and synergy, as weights over `("redundancy", "unique_<m>"..., "synergy")`.
 
     With \(\hat y\) the predicted class, the pointwise information of modality m and of all modalities are
-    \(i_m = \log p(\hat y \mid x_m) - \log p(\hat y)\) (from the unimodal heads) and
+    \(i_m = \log p(\hat y \mid x_m) - \log p(\hat y)\) (from the per-modality heads) and
     \(i = \log p(\hat y \mid x) - \log p(\hat y)\) (from the fused prediction). The split is the
     minimum-mutual-information PID applied to that one sample (as `dmil_hf.interactions.pointwise_interactions` does
     with the true label): \(r = \min_m i_m^+\), \(u_m = i_m^+ - r\), \(s = (i - \max_m i_m^+)^+\), normalised to
@@ -118,17 +164,15 @@ def pointwise_interaction_weights(unimodal_logits, logits, modality_mask, log_pr
     predicts alone, unique ones those only one modality predicts, synergistic ones those only the fusion predicts.
 
     Args:
-        unimodal_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): level 1's heads on
-            the task-relevant latents.
-        modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): the readout's
-            estimate of p(y | x_m) from each modality's embedding alone.
+        modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): p(y | x_m) from
+            each modality alone.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the fused prediction.
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): absent modalities carry nothing.
         log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted.
         component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`, *optional*): components that
             exist for each sample; the others get weight 0.
     """
-    unimodal = unimodal_logits.float().log_softmax(-1)
+    unimodal = modality_logits.float().log_softmax(-1)
     fused = logits.float().log_softmax(-1)
     predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
     if log_prior is None:
@@ -157,8 +201,9 @@ class DmilLabelPrior(nn.Module):
         self.register_buffer("counts", torch.zeros(num_labels))
 
     def update(self, labels):
-        self.counts += torch.bincount(labels.view(-1), minlength=self.counts.numel())[: self.counts.numel()].to(
-            self.counts.dtype)
+        # index_add_ keeps a static shape (bincount's output size depends on the values: no torch.compile/export).
+        labels = labels.view(-1).to(self.counts.device)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
     def log_prior(self):
         # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform.
@@ -182,6 +227,62 @@ class DmilGaussianBottleneck(nn.Module):
 
 def _mlp(input_size: int, hidden_size: int, output_size: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, output_size))
+
+
+
+def _check_safetensors_file(path: str) -> None:
+    """Read a safetensors header with the standard library; raise naming `path` if the file is cut short or garbage."""
+    size = os.path.getsize(path)
+
+    def broken(why):
+        return OSError(f"The weights file {path!r} is {why}; save or download the checkpoint again.")
+
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise broken(f"{size} bytes long, shorter than a safetensors header (truncated or empty)")
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > size - 8:
+            raise broken(f"not a complete safetensors file: its header claims {header_size} bytes, the file has {size}")
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, ValueError):
+            raise broken("not a safetensors file: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise broken("not a safetensors file: its header is not a JSON object")
+    end = max((int(entry["data_offsets"][1]) for name, entry in header.items()
+               if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    if 8 + header_size + end > size:
+        raise broken(f"truncated: its header describes {8 + header_size + end} bytes, the file has {size}")
+
+
+def _check_checkpoint_path(path, kwargs) -> None:
+    """Clear errors for local checkpoint paths, before transformers' loading code (see `from_pretrained`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    path = os.fspath(path)
+    folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
+    if os.path.isfile(path):
+        raise OSError(f"{path!r} is a file; from_pretrained expects the folder written by save_pretrained "
+                      "(holding config.json and model.safetensors).")
+    if os.path.isdir(path):
+        if not isinstance(kwargs.get("config"), DmilConfig) and not os.path.isfile(os.path.join(folder, "config.json")):
+            listing = sorted(os.listdir(folder))[:8] if os.path.isdir(folder) else []
+            raise OSError(
+                f"No config.json in {folder!r} (it holds {listing or 'nothing'}); expected a folder written by "
+                "save_pretrained, with config.json and model.safetensors."
+            )
+        if os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".safetensors"):
+                    _check_safetensors_file(os.path.join(folder, name))
+        return
+    # Not on disk. A Hub repo id is "name" or "namespace/name"; anything else was meant as a local folder.
+    looks_local = (os.path.isabs(path) or path.startswith((".", "~")) or "\\" in path or path.count("/") > 1
+                   or path.endswith("/"))
+    if looks_local:
+        raise OSError(f"No folder at {path!r}; expected a local folder written by save_pretrained, or a Hub repo id "
+                      "such as 'user/model'.")
 
 
 class DmilFeatureTower(nn.Module):
@@ -259,30 +360,38 @@ class DmilEncoders(nn.Module):
 
     def input_names(self, modality: str) -> tuple[str, ...]:
         """The keyword arguments the tower of `modality` accepts (without the prefix)."""
+        if modality in self.config.feature_modalities:
+            return ("features", "attention_mask")
         tower = self.towers[modality]
         # A LoRA-wrapped tower (peft) forwards **kwargs: read the signature of the model it wraps.
         tower = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
         params = inspect.signature(tower.forward).parameters
         return tuple(name for name, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
+    def _accepts_output_flags(self, modality: str) -> bool:
+        """transformers towers take `output_hidden_states`/`output_attentions` (explicitly or through **kwargs)."""
+        if modality in self.config.feature_modalities:
+            return False
+        tower = self.towers[modality]
+        tower = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
+        params = inspect.signature(tower.forward).parameters
+        return "output_hidden_states" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
     def expected_keys(self) -> list[str]:
-        keys = []
-        for m in self.modalities:
-            names = ("features", "attention_mask") if m in self.config.feature_modalities else self.input_names(m)
-            keys += [f"{m}_{name}" for name in names]
-        return keys
+        return [f"{m}_{name}" for m in self.modalities for name in self.input_names(m)]
 
     def route(self, inputs: dict) -> dict[str, dict]:
-        """Split prefixed inputs by modality, with clear errors for anything unknown or malformed."""
+        """Split prefixed inputs by modality, with clear errors for anything unknown or malformed. Only shapes,
+        ranks and dtypes are checked here (no tensor value is read): the value checks are `check_values`."""
+        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
         routed: dict[str, dict] = {}
         for key, value in inputs.items():
             if value is None:
                 continue
             modality = next((m for m in self.modalities if key.startswith(f"{m}_")), None)
             name = key[len(modality) + 1:] if modality else None
-            allowed = (("features", "attention_mask") if modality in self.config.feature_modalities
-                       else self.input_names(modality)) if modality else ()
-            if modality is None or name not in allowed:
+            # The names come from inspecting the towers: checked eagerly (a traced graph was checked when recorded).
+            if modality is None or (eager and name not in self.input_names(modality)):
                 raise ValueError(
                     f"Unknown input {key!r}. This model's modalities are {list(self.modalities)}; expected keyword "
                     f"inputs among {self.expected_keys()} (plus labels, modality_mask)."
@@ -293,7 +402,8 @@ class DmilEncoders(nn.Module):
         if not routed:
             raise ValueError(
                 f"No modality was given. Pass inputs for at least one of {list(self.modalities)}, e.g. "
-                f"{self.expected_keys()[:3]}."
+                f"{self.expected_keys()[:3]}. (With transformers.Trainer, the dataset columns must be named like "
+                "these; Trainer keeps only the columns that appear in `inspect.signature(model.forward)`.)"
             )
         batch_sizes = {}
         for modality, kwargs in routed.items():
@@ -305,8 +415,7 @@ class DmilEncoders(nn.Module):
                 if tensor.dim() == 0:
                     raise ValueError(f"Input {modality}_{name} is a scalar; expected a batch-first tensor.")
                 batch_sizes[f"{modality}_{name}"] = tensor.shape[0]
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(f"Input {modality}_{name} holds NaN or infinite values.")
+            self._check_companion_shapes(modality, main, kwargs)
         if len(set(batch_sizes.values())) > 1:
             raise ValueError(f"Inputs disagree on the batch size: {batch_sizes}.")
         return routed
@@ -316,14 +425,19 @@ class DmilEncoders(nn.Module):
 
     def _check_main_input(self, modality, main, tensor):
         key = f"{modality}_{main}"
+        if main in _FLOAT_INPUTS and not tensor.is_floating_point():
+            hint = (" (raw 0-255 pixels?); expected the image processor's float output (rescaled to [0, 1], then "
+                    "normalised): pass images= through DmilProcessor, or convert, e.g. (x.float() / 255 - mean) / std"
+                    if main == "pixel_values" else "; expected a floating-point tensor")
+            raise TypeError(f"Input {key} has dtype {tensor.dtype}{hint}.")
+        if main == "input_ids" and tensor.is_floating_point():
+            raise TypeError(f"Input {key} has dtype {tensor.dtype}; expected integer token ids (torch.long).")
         if modality in self.config.feature_modalities:
             width = self.config.feature_modalities[modality]
             if tensor.dim() not in (2, 3) or tensor.shape[-1] != width:
                 raise ValueError(
                     f"Input {key} has shape {tuple(tensor.shape)}; expected (batch, {width}) or (batch, time, {width})."
                 )
-            if not tensor.is_floating_point():
-                raise TypeError(f"Input {key} has dtype {tensor.dtype}; expected a floating-point tensor.")
             return
         rank = _MAIN_INPUT_RANK.get(main)
         if rank is not None and tensor.dim() != rank:
@@ -335,9 +449,60 @@ class DmilEncoders(nn.Module):
         mel_bins = getattr(sub_config, "num_mel_bins", None)
         if main == "input_features" and mel_bins is not None and tensor.shape[1] != mel_bins:
             raise ValueError(f"Input {key} has {tensor.shape[1]} mel bins; the audio tower expects {mel_bins}.")
-        if main == "input_ids" and (tensor.is_floating_point() or tensor.min() < 0 or
-                                    tensor.max() >= getattr(sub_config, "vocab_size", float("inf"))):
-            raise ValueError(f"Input {key} must hold token ids in [0, {sub_config.vocab_size}).")
+
+    def _check_companion_shapes(self, modality, main, kwargs):
+        """Masks and token-type ids must line up with the main input (a mask of another length would be ignored)."""
+        tensor = kwargs[main]
+        if main == "input_features":  # (batch, mel, frames): the mask is per frame
+            expected = {"attention_mask": (tensor.shape[0], tensor.shape[-1])}
+        elif main == "features":
+            expected = {"attention_mask": tuple(tensor.shape[:2])} if tensor.dim() == 3 else {}
+        elif main in ("input_ids", "input_values"):
+            expected = {name: tuple(tensor.shape) for name in ("attention_mask", "token_type_ids", "position_ids")}
+        else:
+            expected = {}
+        for name, shape in expected.items():
+            if name in kwargs and tuple(kwargs[name].shape) != shape:
+                raise ValueError(
+                    f"Input {modality}_{name} has shape {tuple(kwargs[name].shape)}; expected {shape}, the shape of "
+                    f"{modality}_{main} {tuple(tensor.shape)}" + (" (batch, frames)" if main == "input_features" else "")
+                    + "."
+                )
+
+    def check_values(self, routed: dict) -> None:
+        """
+        The data-dependent checks, in one device-to-host transfer: floating inputs finite and of magnitude at most
+        `MAX_INPUT_MAGNITUDE`, token ids inside the vocabulary. Run only when [`value_checks_enabled`] says so.
+        """
+        tensors = [t for kwargs in routed.values() for t in kwargs.values()]
+        if not value_checks_enabled(self.config, *tensors):
+            return
+        checks = []  # (key, kind, reduction)
+        for modality, kwargs in routed.items():
+            for name, tensor in kwargs.items():
+                key = f"{modality}_{name}"
+                if tensor.numel() == 0:
+                    continue
+                if tensor.is_floating_point():
+                    checks.append((key, "magnitude", tensor.detach().abs().amax().float()))
+                elif name == "input_ids":
+                    checks.append((key, "min", tensor.detach().amin().float()))
+                    checks.append((key, "max", tensor.detach().amax().float()))
+        if not checks:
+            return
+        values = torch.stack([c[2].cpu() for c in checks]).tolist()
+        for (key, kind, _), value in zip(checks, values):
+            if kind == "magnitude" and (value != value or value == float("inf")):
+                raise ValueError(f"Input {key} holds NaN or infinite values; expected finite values.")
+            if kind == "magnitude" and value > MAX_INPUT_MAGNITUDE:
+                raise ValueError(
+                    f"Input {key} holds values of magnitude up to {value:.3g}; expected normalised inputs of magnitude "
+                    f"at most {MAX_INPUT_MAGNITUDE:g} (a tower would overflow to NaN). Normalise them (e.g. with the "
+                    "processor), or pass check_input_values=False in the config to skip this check."
+                )
+            vocab = getattr(self.config.tower_config(key.split("_", 1)[0]), "vocab_size", None)
+            if (kind == "min" and value < 0) or (kind == "max" and vocab is not None and value >= vocab):
+                raise ValueError(f"Input {key} must hold token ids in [0, {vocab}); got a {kind} of {int(value)}.")
 
     def pool(self, modality, outputs, attention_mask):
         if isinstance(outputs, torch.Tensor):  # feature towers return the vector itself
@@ -358,7 +523,13 @@ class DmilEncoders(nn.Module):
 
     def forward(self, inputs: dict, modality_mask=None):
         """Returns `(embeds (B, M, hidden_size), mask (B, M) bool)`; absent modalities get zero embeddings."""
+        embeds, mask, _, _ = self.encode(inputs, modality_mask)
+        return embeds, mask
+
+    def encode(self, inputs: dict, modality_mask=None, output_hidden_states=False, output_attentions=False):
+        """As `forward`, plus the towers' hidden states and attentions by modality (None when not asked for)."""
         routed = self.route(inputs)
+        self.check_values(routed)
         batch_size = next(iter(next(iter(routed.values())).values())).shape[0]
         device = next(self.parameters()).device
         if modality_mask is not None:
@@ -371,30 +542,130 @@ class DmilEncoders(nn.Module):
         present = torch.tensor([m in routed for m in self.modalities], device=device)
         mask = present.unsqueeze(0).expand(batch_size, -1)
         mask = mask & modality_mask if modality_mask is not None else mask.clone()
-        if not mask.any(1).all():
+        if modality_mask is not None and value_checks_enabled(self.config, mask) and not mask.any(1).all():
             raise ValueError("modality_mask marks every modality absent for some samples; keep at least one.")
-        embeds = []
+        embeds, hidden_states, attentions = [], {}, {}
         for modality in self.modalities:
             if modality not in routed:
                 embeds.append(None)
                 continue
-            kwargs = routed[modality]
-            outputs = self.towers[modality](**kwargs)
+            tower = self.towers[modality]
+            kwargs = dict(routed[modality])
+            # Floating inputs in the tower's dtype: float64 arrays (numpy's default) would otherwise fail inside
+            # LayerNorm with "mixed dtype", and float32 inputs to a bfloat16 tower likewise.
+            dtype = next(tower.parameters()).dtype
+            if dtype.is_floating_point:
+                kwargs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in kwargs.items()}
+            flags = {}
+            if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
+                flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
+            outputs = tower(**kwargs, **flags)
+            if flags and output_hidden_states:
+                hidden_states[modality] = getattr(outputs, "hidden_states", None) or ()
+            if flags and output_attentions:
+                attentions[modality] = getattr(outputs, "attentions", None) or ()
             pooled = self.pool(modality, outputs, kwargs.get("attention_mask"))
             embeds.append(self.dropout(self.projections[modality](pooled)))
         reference = next(e for e in embeds if e is not None)
         embeds = torch.stack([e if e is not None else reference.new_zeros(reference.shape) for e in embeds], dim=1)
-        return embeds * mask.unsqueeze(-1).to(embeds.dtype), mask
+        embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        return (embeds, mask, hidden_states if output_hidden_states else None,
+                attentions if output_attentions else None)
 
 
 class DmilPreTrainedModel(PreTrainedModel):
     config_class = DmilConfig
     base_model_prefix = "dmil"
-    main_input_name = "labels"  # inputs are modality-prefixed keyword arguments; see `DmilEncoders`
+    # The class-level name is the one argument every DMIL forward declares first; each instance sets its own, the
+    # first modality's main input (e.g. "text_input_ids"), which its visible forward signature lists first.
+    main_input_name = "modality_mask"
     # forward takes **inputs: without this, Trainer would scale the loss by the number of processes under DDP.
     accepts_loss_kwargs = False
     supports_gradient_checkpointing = False
     _supports_sdpa = True
+
+    def __init__(self, config: DmilConfig, *args, **kwargs):
+        if isinstance(config, DmilConfig):
+            config.validate_for_model()
+        super().__init__(config, *args, **kwargs)
+
+    def post_init(self):
+        super().post_init()
+        self._bind_forward_signature()
+
+    # --- the forward signature Trainer sees ------------------------------------------------------------------
+    def forward_input_names(self) -> tuple[str, ...]:
+        """Every keyword `forward` takes: the modality inputs (`text_input_ids`, `<name>_features`, ...) first, then
+        the arguments the class declares (`modality_mask`, `labels`, `return_dict`, ...)."""
+        encoders = self.base_model.encoders
+        declared = [n for n, p in inspect.signature(type(self).forward).parameters.items()
+                    if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        return tuple(encoders.expected_keys()) + tuple(declared)
+
+    def _bind_forward_signature(self):
+        """
+        Give this instance a `forward` whose signature lists its modality inputs. The class's `forward` takes them as
+        `**inputs`, which shows `transformers.Trainer` no column name: with `remove_unused_columns=True` (the default)
+        it would drop every modality column. Trainer reads `inspect.signature(model.forward)`, so the instance gets a
+        thin wrapper (keyword arguments only) that carries a signature built from `config.modalities`.
+        """
+        names = self.forward_input_names()
+        if not names:
+            return
+        class_forward = type(self).forward
+
+        def forward(self, *args, **kwargs):
+            if args:
+                raise TypeError(
+                    f"{type(self).__name__}.forward takes keyword arguments only (e.g. {names[0]}=...); got "
+                    f"{len(args)} positional argument(s)."
+                )
+            return class_forward(self, **kwargs)
+
+        functools.update_wrapper(forward, class_forward)
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(name, keyword, default=None) for name in names])
+        object.__setattr__(self, "forward", types.MethodType(forward, self))
+        self.main_input_name = names[0]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("forward", None)  # a bound wrapper of a local function: rebuilt by __setstate__
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_modules" in state and state["_modules"]:
+            self._bind_forward_signature()
+
+    def _output_options(self, return_dict, output_hidden_states, output_attentions):
+        config = self.config
+        return (
+            return_dict if return_dict is not None else getattr(config, "return_dict", True),
+            output_hidden_states if output_hidden_states is not None else bool(getattr(config, "output_hidden_states", False)),
+            output_attentions if output_attentions is not None else bool(getattr(config, "output_attentions", False)),
+        )
+
+    # --- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        As [`PreTrainedModel.from_pretrained`], with errors that name the path: a folder without `config.json`, a
+        local path that does not exist (instead of the Hub's repo-id error), a truncated or garbage
+        `*.safetensors` file.
+        """
+        _check_checkpoint_path(pretrained_model_name_or_path, kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":  # safetensors' own error type, without the file name
+                raise
+            raise OSError(
+                f"Could not read the weights of {os.fspath(pretrained_model_name_or_path)!r}: {error}. A "
+                "*.safetensors file there is truncated or not a safetensors file; save or download it again."
+            ) from error
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """
@@ -488,11 +759,29 @@ class DmilModel(DmilPreTrainedModel):
     def level2_modules(self):
         return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant, self.synergy]
 
-    def forward(self, modality_mask=None, return_dict=None, **inputs) -> DmilModelOutput:
+    def forward(self, modality_mask=None, return_dict=None, output_hidden_states=None, output_attentions=None,
+                **inputs) -> DmilModelOutput | tuple:
+        r"""
+        Args:
+            modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
+                presence of each modality (in `config.modalities` order); modalities not passed at all are absent.
+            return_dict (`bool`, *optional*): return a [`DmilModelOutput`] (default: `config.return_dict`) or a tuple.
+            output_hidden_states / output_attentions (`bool`, *optional*): also return each transformers tower's
+                hidden states / attention weights, by modality (default: the config's flags).
+            **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
+                `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
+                `inspect.signature(model.forward)` lists them all (see `forward_input_names`).
+        """
+        return_dict, output_hidden_states, output_attentions = self._output_options(
+            return_dict, output_hidden_states, output_attentions)
         # Stage 2 trains level 2 only: skip building a graph through the frozen towers.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
-            embeds, mask = self.encoders(inputs, modality_mask)
-        return self.decompose(embeds, mask)
+            embeds, mask, hidden_states, attentions = self.encoders.encode(
+                inputs, modality_mask, output_hidden_states, output_attentions)
+        out = self.decompose(embeds, mask)
+        if hidden_states is not None or attentions is not None:  # rebuilt so the fields keep their tuple positions
+            out = DmilModelOutput(**dict(out.items()), hidden_states=hidden_states, attentions=attentions)
+        return out if return_dict else out.to_tuple()
 
     def decompose(self, embeds, mask) -> DmilModelOutput:
         """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`."""
@@ -532,16 +821,17 @@ class DmilModel(DmilPreTrainedModel):
             _, v_mean, v_logvar = aligned[i]
             terms[f"kl_alignment_{m}"] = config.kl_scale * masked_mean(
                 gaussian_kl(r_mean, r_logvar, v_mean, v_logvar), all_present)
-        if not all_present.all():
-            # Missing modalities: R from the product of the present modalities' alignment Gaussians.
-            weights = mask.unsqueeze(-1).to(r_mean.dtype)
-            precision = torch.stack([(-lv).exp() for _, _, lv in aligned], 1) * weights
-            means = torch.stack([mu for _, mu, _ in aligned], 1)
-            poe_mean = (means * precision).sum(1) / precision.sum(1).clamp(min=1e-6)
-            poe_sample = poe_mean
-            if self.training:
-                poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(1).clamp(min=1e-6).rsqrt()
-            r_sample = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
+        # Missing modalities: R from the product of the present modalities' alignment Gaussians. Computed for every
+        # batch (a few element-wise ops) rather than behind `if not all_present.all()`, which would read a tensor
+        # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
+        weights = mask.unsqueeze(-1).to(r_mean.dtype)
+        precision = torch.stack([(-lv).exp() for _, _, lv in aligned], 1) * weights
+        means = torch.stack([mu for _, mu, _ in aligned], 1)
+        poe_mean = (means * precision).sum(1) / precision.sum(1).clamp(min=1e-6)
+        poe_sample = poe_mean
+        if self.training:
+            poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(1).clamp(min=1e-6).rsqrt()
+        r_sample = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
         redundant = r_sample
 
         unique = []
@@ -651,36 +941,63 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         return self
 
     # --- forward -------------------------------------------------------------------------------------------
-    def _check_labels(self, labels):
+    def _check_labels(self, labels, inputs=None):
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}.")
-        if self.config.problem_type == "regression":
+        batch = next(((k, v.shape[0]) for k, v in (inputs or {}).items() if isinstance(v, torch.Tensor) and v.dim()),
+                     None)
+        if batch is not None and labels.dim() and labels.shape[0] != batch[1]:
+            raise ValueError(f"labels has batch size {labels.shape[0]} (shape {tuple(labels.shape)}); the inputs have "
+                             f"{batch[1]} ({batch[0]} has shape {tuple(inputs[batch[0]].shape)}). Expected one label "
+                             "per sample.")
+        if problem_type(self.config) == "regression":
+            if self.config.problem_type is None and not labels.is_floating_point():
+                raise ValueError(
+                    f"labels are integers ({labels.dtype}) but num_labels=1 without problem_type means regression "
+                    "(as in transformers). For binary classification use num_labels=2; for regression pass float "
+                    "labels (or set problem_type='regression')."
+                )
             if labels.dim() not in (1, 2) or not labels.is_floating_point():
                 raise ValueError(f"regression labels must be a float tensor (batch,) ; got {labels.dtype} {tuple(labels.shape)}.")
             return
         if labels.dim() != 1 or labels.is_floating_point():
             raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} {tuple(labels.shape)}.")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-            raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {int(labels.min())} to {int(labels.max())}.")
+        if labels.numel() and value_checks_enabled(self.config, labels):
+            low, high = torch.stack([labels.amin(), labels.amax()]).tolist()
+            if low < 0 or high >= self.num_labels:
+                raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {low} to {high}.")
 
     def _task_loss(self, logits, labels):
         """Per-sample task loss: cross-entropy, or squared error for regression."""
-        if self.config.problem_type == "regression":
+        if problem_type(self.config) == "regression":
             return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
         return F.cross_entropy(logits, labels, reduction="none")
 
-    def forward(self, labels=None, modality_mask=None, return_dict=None, **inputs) -> DmilClassifierOutput:
+    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
+                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
                 presence of each modality (in `config.modalities` order); modalities not passed at all are absent.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            return_dict (`bool`, *optional*): return a [`DmilClassifierOutput`] (default: `config.return_dict`) or a
+                tuple of its fields that are not None (`loss` first when labels are given, then `logits`).
+            output_hidden_states / output_attentions (`bool`, *optional*): also return the towers' hidden states /
+                attention weights, by modality (see [`DmilModelOutput`]).
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
-                `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`.
+                `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
+                `inspect.signature(model.forward)` lists them all, so `transformers.Trainer` keeps those columns.
         """
+        return_dict, output_hidden_states, output_attentions = self._output_options(
+            return_dict, output_hidden_states, output_attentions)
         if labels is not None:
-            self._check_labels(labels)
-        return self.classify(self.dmil(modality_mask=modality_mask, **inputs), labels)
+            self._check_labels(labels, inputs)
+        out = self.dmil(modality_mask=modality_mask, return_dict=True, output_hidden_states=output_hidden_states,
+                        output_attentions=output_attentions, **inputs)
+        result = self.classify(out, labels)
+        if out.hidden_states is not None or out.attentions is not None:
+            result = type(result)(**dict(result.items()), hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict else result.to_tuple()
 
     def classify(self, out: DmilModelOutput, labels=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`]."""
@@ -766,6 +1083,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
 
 
 __all__ = [
+    "MAX_INPUT_MAGNITUDE",
     "DmilClassifierOutput",
     "DmilEncoders",
     "DmilFeatureTower",

@@ -272,3 +272,141 @@ def test_error_unsupported_sub_config():
         DmilConfig(text_config=CLIPConfig(), feature_modalities={"a": 3})
     with pytest.raises(TypeError, match="audio_config"):
         DmilConfig(audio_config=3, feature_modalities={"a": 3, "b": 2})
+
+
+# --- bad input found by issue 13: each error names the input and what was expected --------------------------------
+
+def test_error_uint8_pixel_values(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["vision_pixel_values"] = (inputs["vision_pixel_values"] * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"vision_pixel_values has dtype torch.uint8 .*expected the image processor's "
+                                        r"float output"):
+        model(**inputs)
+
+
+def test_error_huge_pixel_values_instead_of_nan_logits(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["vision_pixel_values"] = inputs["vision_pixel_values"] * 1e30
+    with pytest.raises(ValueError, match=r"vision_pixel_values holds values of magnitude up to 1e\+30; expected "
+                                         r"normalised inputs of magnitude at most 1e\+06"):
+        model(**inputs)
+    # The bound is where the towers are still finite, and the check can be switched off (it reads tensor values).
+    inputs["vision_pixel_values"] = tester.inputs()["vision_pixel_values"] * 1e6
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+    model.config.check_input_values = False
+    inputs["vision_pixel_values"] = tester.inputs()["vision_pixel_values"] * 1e30
+    with torch.no_grad():
+        model(**inputs)  # no check, no error (the logits are NaN: what the check prevents)
+
+
+def test_error_attention_mask_length_differs_from_input_ids(bimodal):
+    tester, model = bimodal
+    inputs = tester.inputs()
+    inputs["text_attention_mask"] = inputs["text_attention_mask"][:, :-2]
+    with pytest.raises(ValueError, match=r"text_attention_mask has shape \(4, 5\); expected \(4, 7\), the shape of "
+                                         r"text_input_ids"):
+        model(**inputs)
+
+
+def test_error_feature_attention_mask_shape():
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config())
+    inputs = tester.inputs()
+    inputs["alpha_features"] = torch.randn(4, 5, FEATURE_DIMS["alpha"])
+    inputs["alpha_attention_mask"] = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"alpha_attention_mask has shape \(4, 4\); expected \(4, 5\)"):
+        model(**inputs)
+
+
+def test_num_labels_one_without_problem_type_is_regression():
+    """As in transformers: num_labels=1 and no problem_type means regression. Integer labels there are refused
+    (they are almost always a binary task that wanted num_labels=2); float labels give the squared error."""
+    tester = ModelTester(("alpha", "beta"))
+    config = tester.config()
+    config.num_labels = 1
+    assert config.problem_type is None
+    model = DmilForMultimodalClassification(config).eval()
+    with pytest.raises(ValueError, match=r"labels are integers \(torch.int64\) but num_labels=1 without problem_type "
+                                         r"means regression.*use num_labels=2"):
+        model(labels=torch.zeros(4, dtype=torch.long), **tester.inputs())
+    targets = torch.randn(4)
+    out = model(labels=targets, **tester.inputs())
+    gated = (out.interaction_weights.unsqueeze(-1) * out.component_logits).sum(1).squeeze(-1)
+    torch.testing.assert_close(out.loss_terms["task_gated"], (gated - targets).pow(2).mean())
+
+
+def test_error_misspelt_config_keyword(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) 'latnt_size' \(did you mean 'latent_size'\?\)"):
+        DmilConfig(latnt_size=8, feature_modalities={"a": 2, "b": 3})
+    # Standard PretrainedConfig keywords still pass, and so does a saved config with an attribute set by hand.
+    config = DmilConfig(feature_modalities={"a": 2, "b": 3}, use_cache=False, problem_type="regression", num_labels=1,
+                        output_hidden_states=True, id2label={0: "score"}, pad_token_id=0)
+    config.note = "set by hand"
+    config.save_pretrained(tmp_path)
+    assert DmilConfig.from_pretrained(tmp_path).note == "set by hand"
+
+
+def test_error_labels_batch_size_differs(bimodal):
+    tester, model = bimodal
+    with pytest.raises(ValueError, match=r"labels has batch size 3 .*the inputs have 4 \(text_input_ids has shape "
+                                         r"\(4, 7\)\)"):
+        model(labels=torch.zeros(3, dtype=torch.long), **tester.inputs())
+
+
+def test_error_num_labels_zero():
+    with pytest.raises(ValueError, match=r"`num_labels` is 0; expected a positive integer"):
+        DmilConfig(num_labels=0, feature_modalities={"a": 2, "b": 3})
+    config = ModelTester(("alpha", "beta")).config()
+    config.num_labels = 0  # set after construction: the model refuses before building anything
+    with pytest.raises(ValueError, match=r"`num_labels` is 0; expected a positive integer"):
+        DmilForMultimodalClassification(config)
+
+
+def test_float64_features_are_cast_to_the_model_dtype():
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    inputs = tester.inputs()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = model(**{k: v.double() for k, v in inputs.items()}).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    tester = ModelTester(("alpha", "beta"))
+    DmilForMultimodalClassification(tester.config()).save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_error_from_pretrained_folder_without_config(tmp_path, saved_checkpoint):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OSError, match=rf"No config.json in '{empty}' \(it holds nothing\); expected a folder written "
+                                      "by save_pretrained"):
+        DmilForMultimodalClassification.from_pretrained(empty)
+    (saved_checkpoint / "config.json").unlink()
+    with pytest.raises(OSError, match=rf"No config.json in '{saved_checkpoint}' \(it holds \[.*'model.safetensors'"):
+        DmilForMultimodalClassification.from_pretrained(saved_checkpoint)
+
+
+def test_error_from_pretrained_nonexistent_folder(tmp_path):
+    missing = tmp_path / "no_such_run"
+    for path in (missing, str(missing), "./runs/not/there"):
+        with pytest.raises(OSError, match=r"No folder at '.*'; expected a local folder written by save_pretrained"):
+            DmilForMultimodalClassification.from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_error_from_pretrained_broken_safetensors(saved_checkpoint, damage):
+    weights = saved_checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 50,
+                         "empty": b""}[damage])
+    for loader in (DmilForMultimodalClassification, AutoModelForSequenceClassification):
+        with pytest.raises(OSError, match=rf"The weights file '{weights}' is .*save or download the checkpoint again"):
+            loader.from_pretrained(saved_checkpoint)
