@@ -125,6 +125,11 @@ class DmilConfig(PretrainedConfig):
         stage2_reconstruction_weight, stage2_component_weight: stage-2 weights (0.025, 0.5).
         stage3_unimodal_weight, stage3_level2_scale, stage3_component_weight, stage3_reconstruction_weight:
             stage-3 weights (0.5, 0.4, 0.8, 0.01).
+        stage3_level1_tower_gradient (`float`, defaults to 1.0): in stage 3, the factor on the gradient that level 1
+            (and the redundancy/uniqueness components built on it) sends into the towers; the forward pass is
+            unchanged. 1 is the paper. Lower values let the towers learn from the fusion faster: on `synthetic`
+            (validation, 3 seeds) 0.25 raised synergy accuracy from 90.7 to 96.9 but cost robustness to a noised
+            modality, and on `digits` (held-out voices and templates) it lowered overall accuracy from 71.7 to 64.3.
         stage1_epochs / stage2_epochs / stage3_epochs, stage1_learning_rate / ...: the schedule presets used by
             `dmil_hf.training` (4 / 4 / 16 epochs at 2e-3, AdamW). Stage 3 is the longest: it trains the towers
             with every loss at once (the unimodal ones included), which synergy needs; stage 2 has them frozen.

@@ -450,7 +450,9 @@ def run_training(settings: RunSettings) -> dict:
     model = build_run_model(settings, schema, dsd, processor)
     if settings.lora:
         apply_lora(model)
-    # Everything is checked: only now may an earlier run in output_dir go.
+    # Everything is checked: only now may an earlier run in output_dir go. Every process checked the folder before
+    # the main one writes into it (otherwise another process could find the new run there and refuse it).
+    state.wait_for_everyone()
     before = 0.0
     if state.is_main_process:
         prepare_output_dir(output_dir, settings.resume, settings.overwrite, kind)

@@ -318,7 +318,7 @@ print(outputs.logits[0].item())
 print(model.config.id2label[int(outputs.logits[0].argmax())])
 {% endif %}
 {% if has_weights %}
-# Per-sample interaction readout: the gate's weight on each component.
+# Per-sample interaction readout: how much of this prediction is redundant, unique to a modality or synergistic.
 print(dict(zip(model.config.component_names, outputs.interaction_weights[0].tolist())))
 {% endif %}
 """
@@ -347,7 +347,7 @@ sample = {
 result = classifier(sample, top_k=3)
 print(result["scores"])  # the top labels with their probabilities, highest first
 {% if has_weights %}
-print(result["interaction_weights"])  # the gate's weight on each component for this sample
+print(result["interaction_weights"])  # the per-sample interaction readout over the components
 {% endif %}
 """
 

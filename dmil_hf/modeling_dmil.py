@@ -1017,11 +1017,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             logits = (unimodal_logits * present).sum(1) / present.sum(1)
         else:
             logits = gated
-        if labels is not None and self.training and config.problem_type != "regression":
+        # A single output (regression, or num_labels=1) has no class distribution to split: the readout is the gate.
+        regression = config.problem_type == "regression" or config.num_labels == 1
+        if labels is not None and self.training and not regression:
             self.label_prior.update(labels)
         modality_logits = torch.stack(
             [self.modality_heads[m](out.modality_embeds[:, i].detach()) for i, m in enumerate(config.modalities)], 1)
-        if config.problem_type == "regression":
+        if regression:
             readout = weights
         else:
             with torch.no_grad():

@@ -34,7 +34,7 @@ class MultimodalClassificationPipeline(Pipeline):
     support.
 
     Returns, per sample, `{"scores": [{"label", "score"}, ...] (highest first, `top_k` of them), "interaction_weights":
-    {component: weight}}` (the weights only for models with a gate; regression models give `{"value": float, ...}`).
+    {component: weight}}` (the per-sample interaction readout, only for models that have one; regression models give `{"value": float, ...}`).
     A single dict gives a single result, a list of dicts a list. `batch_size` batches samples that have the same
     modalities.
     """

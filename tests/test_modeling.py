@@ -180,7 +180,7 @@ def test_training_stage_changes_prediction_rule():
     torch.testing.assert_close(out.logits, out.unimodal_logits.mean(1))
     model.set_training_stage(3)
     out = model(**tester.inputs())
-    torch.testing.assert_close(out.logits, (out.interaction_weights.unsqueeze(-1) * out.component_logits).sum(1))
+    torch.testing.assert_close(out.logits, (out.gate_weights.unsqueeze(-1) * out.component_logits).sum(1))
 
 
 def test_from_encoders_pretrained_keeps_tower_bit_identical(tmp_path):
@@ -334,7 +334,7 @@ def test_num_labels_one_without_problem_type_is_regression():
         model(labels=torch.zeros(4, dtype=torch.long), **tester.inputs())
     targets = torch.randn(4)
     out = model(labels=targets, **tester.inputs())
-    gated = (out.interaction_weights.unsqueeze(-1) * out.component_logits).sum(1).squeeze(-1)
+    gated = (out.gate_weights.unsqueeze(-1) * out.component_logits).sum(1).squeeze(-1)
     torch.testing.assert_close(out.loss_terms["task_gated"], (gated - targets).pow(2).mean())
 
 

@@ -68,9 +68,9 @@ def changed_groups(model, before):
     return groups
 
 
-@pytest.mark.parametrize("stage,expected", [(1, {"level1": True, "level2": False}),
-                                            (2, {"level1": False, "level2": True}),
-                                            (3, {"level1": True, "level2": True})])
+@pytest.mark.parametrize("stage,expected", [(1, {"level1": True, "level2": False, "readout": True}),
+                                            (2, {"level1": False, "level2": True, "readout": True}),
+                                            (3, {"level1": True, "level2": True, "readout": True})])
 def test_each_stage_trains_only_its_parameters(tmp_path, stage, expected):
     epochs = [0, 0, 0]
     epochs[stage - 1] = 1
