@@ -111,14 +111,14 @@ def _configuration_dataset(configuration, preset):
 
 def readout_agreement(weights: np.ndarray, interactions, component_names) -> dict:
     """How well per-sample weights over `component_names` name each sample's ground-truth interaction type:
-    `match` (the largest weight is the true type's component, over all samples), `profile` (mean weight of each
-    component per type) and `largest` (per type, the component with the largest mean weight)."""
+    `match` (the largest weight is the true type's component, over all samples) and `profile` (mean weight of each
+    component per type, as in `interaction_profile.json`)."""
+    from .experiment import interaction_profile
+
     interactions = np.asarray(list(interactions))
     names = np.asarray(component_names)
-    profile = {kind: {name: float(weights[interactions == kind, k].mean()) for k, name in enumerate(names)}
-               for kind in sorted(set(interactions.tolist()))}
-    return {"match": float((names[weights.argmax(1)] == interactions).mean()), "profile": profile,
-            "largest": {kind: max(row, key=row.get) for kind, row in profile.items()}}
+    return {"match": float((names[weights.argmax(1)] == interactions).mean()),
+            "profile": interaction_profile(weights, interactions, component_names)}
 
 
 def reference_readout(configuration, preset, seed: int = 0) -> dict:
@@ -282,13 +282,12 @@ def summarize(runs) -> dict:
                 "num_labels": rows[0]["num_labels"],
                 "bayes_accuracy": rows[0]["bayes_accuracy"],
             }
-            for name in ("readout", "gate"):
+            # The readout's profile is the method's `interaction_profile`; the gate's is kept beside it.
+            for name, profile_key in (("readout", "interaction_profile"), ("gate", "gate_profile")):
                 measured = [r[name] for r in rows if name in r]
                 if measured:
                     entry[f"{name}_match"] = _mean_std([m["match"] for m in measured])
-                    entry[f"{name}_profile"] = _mean_profile([m["profile"] for m in measured])
-            if "readout_profile" in entry:
-                entry["interaction_profile"] = entry["readout_profile"]
+                    entry[profile_key] = _mean_profile([m["profile"] for m in measured])
             summary[dataset][method] = entry
     return summary
 
