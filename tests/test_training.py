@@ -111,17 +111,24 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def trained_and_crashed(tmp_path, kwargs, crash_step):
+    """A run trained uninterrupted in `full/`, and the same run crashed in stage 2 at `crash_step` in `resumed/`
+    (4 steps per epoch); returns the encoded data and the uninterrupted model."""
     data = encoded(feature_dataset())
-    kwargs = dict(stage1_epochs=2, stage2_epochs=2, stage3_epochs=1)
     reference = feature_model(**kwargs)
     train_staged(reference, args_for(tmp_path / "full"), data["train"], data["validation"],
                  compute_metrics=make_compute_metrics())
-
     interrupted = feature_model(**kwargs)
-    with pytest.raises(KeyboardInterrupt):  # crash in stage 2, after its first epoch's checkpoint (4 steps/epoch)
+    with pytest.raises(KeyboardInterrupt):
         train_staged(interrupted, args_for(tmp_path / "resumed"), data["train"], data["validation"],
-                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage2", 6)])
+                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage2", crash_step)])
+    return data, reference
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    kwargs = dict(stage1_epochs=2, stage2_epochs=2, stage3_epochs=1)
+    # crash in stage 2, after its first epoch's checkpoint
+    data, reference = trained_and_crashed(tmp_path, kwargs, crash_step=6)
     resumed = feature_model(seed=123, **kwargs)  # different init: everything must come from the checkpoints
     train_staged(resumed, args_for(tmp_path / "resumed"), data["train"], data["validation"],
                  compute_metrics=make_compute_metrics(), resume=True)
@@ -132,15 +139,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
     """A kill during a checkpoint save leaves a truncated model.safetensors: resume from the previous complete
     checkpoint (still exact), and say which file was broken; with no complete one left, refuse naming the files."""
-    data = encoded(feature_dataset())
     kwargs = dict(stage1_epochs=1, stage2_epochs=3, stage3_epochs=1)
-    reference = feature_model(**kwargs)
-    train_staged(reference, args_for(tmp_path / "full"), data["train"], data["validation"],
-                 compute_metrics=make_compute_metrics())
-    interrupted = feature_model(**kwargs)
-    with pytest.raises(KeyboardInterrupt):  # stage 2 crashes in its 3rd epoch: checkpoint-4 and checkpoint-8 exist
-        train_staged(interrupted, args_for(tmp_path / "resumed"), data["train"], data["validation"],
-                     compute_metrics=make_compute_metrics(), callbacks=[CrashAt("stage2", 10)])
+    # stage 2 crashes in its 3rd epoch: checkpoint-4 and checkpoint-8 exist
+    data, reference = trained_and_crashed(tmp_path, kwargs, crash_step=10)
     stage2 = tmp_path / "resumed" / "stage2"
     assert sorted(p.name for p in stage2.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     broken = stage2 / "checkpoint-8" / "model.safetensors"
