@@ -38,7 +38,8 @@ PRESETS = {
 }
 # The DMIL paper's choices where the package's defaults differ (each a `DmilConfig` field). The ablation trains the
 # paper's settings, then the paper's settings with one deviation each, then the defaults.
-PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_gate_penalty": 0.0, "tower_pooling": "auto"}
+PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_gate_penalty": 0.0, "tower_pooling": "auto",
+                  "stage1_synergy_weight": 0.0}
 # Fields that only act on transformer towers: their variants are not trained on feature-only configurations.
 TOWER_FIELDS = ("tower_pooling",)
 

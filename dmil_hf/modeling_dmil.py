@@ -158,10 +158,14 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
     With \(\hat y\) the predicted class, the pointwise information of modality m and of all modalities are
     \(i_m = \log p(\hat y \mid x_m) - \log p(\hat y)\) (from the per-modality heads) and
     \(i = \log p(\hat y \mid x) - \log p(\hat y)\) (from the fused prediction). The split is the
-    minimum-mutual-information PID applied to that one sample (as `dmil_hf.interactions.pointwise_interactions` does
-    with the true label): \(r = \min_m i_m^+\), \(u_m = i_m^+ - r\), \(s = (i - \max_m i_m^+)^+\), normalised to
-    sum to one (uniform over the existing components when all are zero). Redundant samples are those every modality
-    predicts alone, unique ones those only one modality predicts, synergistic ones those only the fusion predicts.
+    minimum-mutual-information PID applied to that one sample, as `dmil_hf.interactions.pointwise_interactions` does
+    with the true label: \(r\) is the second largest \(i_m^+\) (with two modalities, \(\min_m i_m^+\)),
+    \(u_m = (i_m^+ - r)^+\), \(s = (i - \max_m i_m^+)^+\), normalised to sum to one (uniform over the existing
+    components when all are zero). Redundant samples are those at least two modalities predict alone, unique ones
+    those only one modality predicts, synergistic ones those only the fusion predicts. With three or more modalities,
+    redundancy is what two of them share rather than the minimum over all: one weak modality (a speaker it has not
+    heard) would otherwise turn every redundant sample into a unique one (on `digits` validation the share of samples
+    whose largest weight names the true type went from 67.5-77.7% to 75.7-81.8% over two trained models).
 
     Args:
         modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): p(y | x_m) from
@@ -181,10 +185,11 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
     index = predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)
     information = (unimodal.gather(-1, index).squeeze(-1) - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
     joint = (fused.gather(-1, predicted) - prior).clamp(min=0.0)  # (B, 1)
-    redundancy = information.masked_fill(~modality_mask, float("inf")).amin(1, keepdim=True)
-    redundancy = torch.where(torch.isfinite(redundancy), redundancy, torch.zeros_like(redundancy))
+    # Absent modalities carry 0, so with fewer than two present the second largest is 0: no redundancy.
+    ranked = information.sort(1, descending=True).values
+    redundancy = ranked[:, 1:2] if ranked.shape[1] > 1 else torch.zeros_like(joint)
     unique = (information - redundancy).clamp(min=0.0) * modality_mask.to(fused.dtype)
-    synergy = (joint - information.amax(1, keepdim=True)).clamp(min=0.0)
+    synergy = (joint - ranked[:, :1]).clamp(min=0.0)
     values = torch.cat([redundancy, unique, synergy], 1)
     exists = torch.ones_like(values, dtype=torch.bool) if component_mask is None else component_mask
     values = values * exists.to(values.dtype)
@@ -757,7 +762,7 @@ class DmilModel(DmilPreTrainedModel):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
 
     def level2_modules(self):
-        return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant, self.synergy]
+        return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant]
 
     def forward(self, modality_mask=None, return_dict=None, output_hidden_states=None, output_attentions=None,
                 **inputs) -> DmilModelOutput | tuple:
@@ -853,6 +858,8 @@ class DmilModel(DmilPreTrainedModel):
             sources = torch.cat([irrelevant_means, relevant_means], -1)
         elif config.synergy_source == "embeddings":
             sources = embeds
+        if config.training_stage == 1:  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
+            sources = sources.detach()
         pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
         synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
@@ -913,7 +920,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         """Parameter groups of the schedule: stage 1 trains `level1`, stage 2 `level2`, stage 3 both; the readout's
         modality heads (`readout`) train in every stage."""
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
-                "level2": self.dmil.level2_modules() + [self.component_heads, self.gate],
+                "level2": self.dmil.level2_modules() + list(self.component_heads[:-1]) + [self.gate],
+                "synergy": [self.dmil.synergy, self.component_heads[-1]],
                 "readout": [self.modality_heads]}
 
     def set_training_stage(self, stage: int):
@@ -923,7 +931,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}.")
         if not hasattr(self, "_frozen_before_staging"):
             self._frozen_before_staging = {id(p) for p in self.parameters() if not p.requires_grad}
-        trainable = {1: ("level1", "readout"), 2: ("level2", "readout"), 3: ("level1", "level2", "readout")}[stage]
+        trainable = {1: ("level1", "readout") + (("synergy",) if self.config.stage1_synergy_weight else ()),
+                     2: ("level2", "synergy", "readout"), 3: ("level1", "level2", "synergy", "readout")}[stage]
         for group, modules in self.stage_modules().items():
             for module in modules:
                 for p in module.parameters():
@@ -1070,7 +1079,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         # The readout's heads read detached embeddings, so this term trains them and nothing else.
         readout = sum(terms[f"readout_{m}"] for m in modalities)
         if stage == 1:
-            return readout + unimodal + config.lamb * level1
+            return (readout + unimodal + config.lamb * level1
+                    + config.stage1_synergy_weight * terms["task_component_synergy"])
         # Parsimony: synergy sees every modality, so without a price the gate would route everything through it.
         parsimony = config.synergy_gate_penalty * terms["gate_synergy"]
         if stage == 2:

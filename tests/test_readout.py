@@ -61,6 +61,18 @@ def test_absent_modalities_carry_nothing_and_missing_components_get_no_weight():
     torch.testing.assert_close(flat, torch.tensor([0.5, 0.5, 0.0, 0.0]))
 
 
+@pytest.mark.parametrize("confident, expected", [((0, 1), "redundancy"), ((0, 1, 2), "redundancy"),
+                                                  ((2,), "unique_c"), ((), "synergy")])
+def test_with_three_modalities_redundancy_is_what_two_of_them_share(confident, expected):
+    # One uninformative modality (e.g. an unheard speaker) does not turn a sample that two modalities predict into a
+    # unique one; a sample only one modality predicts stays unique.
+    unimodal = torch.stack([CONFIDENT if m in confident else FLAT for m in range(3)]).unsqueeze(0)
+    weights = pointwise_interaction_weights(unimodal, CONFIDENT.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool))[0]
+    names = ("redundancy", "unique_a", "unique_b", "unique_c", "synergy")
+    assert names[int(weights.argmax())] == expected
+    assert weights.sum().item() == pytest.approx(1.0)
+
+
 @pytest.fixture
 def model_and_inputs():
     tester = ModelTester(("alpha", "beta"), batch_size=6)

@@ -68,9 +68,10 @@ def changed_groups(model, before):
     return groups
 
 
-@pytest.mark.parametrize("stage,expected", [(1, {"level1": True, "level2": False, "readout": True}),
-                                            (2, {"level1": False, "level2": True, "readout": True}),
-                                            (3, {"level1": True, "level2": True, "readout": True})])
+@pytest.mark.parametrize("stage,expected", [
+    (1, {"level1": True, "level2": False, "synergy": True, "readout": True}),
+    (2, {"level1": False, "level2": True, "synergy": True, "readout": True}),
+    (3, {"level1": True, "level2": True, "synergy": True, "readout": True})])
 def test_each_stage_trains_only_its_parameters(tmp_path, stage, expected):
     epochs = [0, 0, 0]
     epochs[stage - 1] = 1
@@ -79,6 +80,29 @@ def test_each_stage_trains_only_its_parameters(tmp_path, stage, expected):
     before = snapshot(model)
     train_staged(model, args_for(tmp_path), data["train"], data["validation"], compute_metrics=make_compute_metrics())
     assert changed_groups(model, before) == expected
+
+
+def test_stage1_without_synergy_warm_up_is_the_papers_stage1(tmp_path):
+    model = feature_model(stage1_epochs=1, stage2_epochs=0, stage3_epochs=0, stage1_synergy_weight=0.0)
+    data = encoded(feature_dataset())
+    before = snapshot(model)
+    train_staged(model, args_for(tmp_path), data["train"], data["validation"], compute_metrics=make_compute_metrics())
+    assert changed_groups(model, before) == {"level1": True, "level2": False, "synergy": False, "readout": True}
+
+
+def test_stage1_synergy_warm_up_sends_no_gradient_into_the_towers():
+    batch = {"alpha_features": torch.randn(8, 6), "beta_features": torch.randn(8, 4)}
+    labels = torch.randint(0, 3, (8,))
+    grads = {}
+    for weight in (0.0, 5.0):
+        model = feature_model(stage1_synergy_weight=weight).set_training_stage(1)
+        model(**batch, labels=labels).loss.backward()
+        grads[weight] = [p.grad.clone() for p in model.dmil.encoders.parameters()]
+        synergy = [p.grad for p in model.dmil.synergy.parameters()]
+        assert all(g is None for g in synergy) if weight == 0 else all(g is not None and g.abs().sum() > 0
+                                                                        for g in synergy)
+    # Same seed, same random draws: the warm-up changes nothing the towers receive.
+    assert all(torch.allclose(a, b) for a, b in zip(grads[0.0], grads[5.0]))
 
 
 def test_stage2_keeps_level1_in_eval_mode():

@@ -31,7 +31,10 @@ def pointwise_interactions(unimodal_probs: dict, joint_probs, labels, prior=None
     (R = min_m I(X_m;Y), U_m = I(X_m;Y) - R, S = I(X_1..X_M;Y) - max_m I(X_m;Y)) applied to each sample, clipped at 0
     (pointwise information can be negative, "misinformation"):
 
-        r = max(0, min_m i_m),   u_m = max(0, i_m - r),   s = max(0, i_joint - max_m i_m).
+        r = max(0, i_(2)),   u_m = max(0, i_m - r),   s = max(0, i_joint - max_m i_m),
+
+    where i_(2) is the second largest i_m: with two modalities the minimum; with more, what at least two modalities
+    share (the minimum over all would let one uninformative modality turn every redundant sample into a unique one).
 
     Averages over samples are therefore not a dataset-level PID; they rank samples and groups of samples.
 
@@ -77,7 +80,7 @@ def pointwise_interactions(unimodal_probs: dict, joint_probs, labels, prior=None
     info = {m: information(p) for m, p in probs.items()}
     stacked = np.stack(list(info.values()))
     joint_info = information(joint)
-    redundancy = np.maximum(0.0, stacked.min(axis=0))
+    redundancy = np.maximum(0.0, np.sort(stacked, axis=0)[-2])
     result = {"redundancy": redundancy}
     result.update({f"unique_{m}": np.maximum(0.0, i - redundancy) for m, i in info.items()})
     result["synergy"] = np.maximum(0.0, joint_info - stacked.max(axis=0))
