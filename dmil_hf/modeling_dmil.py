@@ -788,6 +788,7 @@ class DmilPreTrainedModel(PreTrainedModel):
         model = cls(config)
         for modality, tower in towers.items():
             model.base_model.encoders.towers[modality] = tower
+        model.base_model.encoders.apply_freezing()
         new = [n for n, _ in model.named_parameters() if ".towers." not in f".{n}" or
                any(f"towers.{m}." in n for m in config.feature_modalities)]
         logger.info(f"Newly initialised DMIL weights (train them): {len(new)} tensors, e.g. {new[:5]}")
