@@ -184,7 +184,9 @@ def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=No
     from accelerate.utils import broadcast_object_list
     from datasets import Dataset
 
-    state = PartialState()
+    # As TrainingArguments sets the state up: CPU-only processes under `accelerate launch` form one job only with
+    # ACCELERATE_USE_CPU (otherwise each would see a world of one and build its own copy).
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     cache_dir = Path(cache_dir)
     plans = []  # (split, modality, columns)
     for split, dataset in splits.items():
