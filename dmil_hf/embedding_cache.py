@@ -170,7 +170,8 @@ def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=No
     Args:
         model: a dmil_hf model (DMIL or a baseline); its towers are used as they are now.
         splits (`dict[str, datasets.Dataset]`): e.g. `{"train": ..., "validation": ...}`; values that are not a
-            `datasets.Dataset`, or lack a modality's columns, are passed through for that modality.
+            `datasets.Dataset`, that have a transform (`set_transform`: rows may change between epochs) or that lack
+            a modality's columns are passed through for that modality.
         modalities: the modalities whose towers to cache (frozen ones: the cache is only right while they do not
             change).
         cache_dir: folder of the `.npy` arrays (created when missing).
@@ -191,6 +192,10 @@ def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=No
     plans = []  # (split, modality, columns)
     for split, dataset in splits.items():
         if not isinstance(dataset, Dataset):
+            continue
+        if dataset.format.get("type") == "custom":  # set_transform: rows may differ each epoch (augmentation)
+            logger.warning("Split %r has a transform (set_transform / with_transform); its towers run live, uncached.",
+                           split)
             continue
         for modality in modalities:
             columns = tower_columns(model, dataset, modality)

@@ -231,6 +231,9 @@ def check_resume_matches(output_dir: Path, settings: RunSettings, data: dict) ->
         return
     now = {k: v for k, v in json.loads(json.dumps(asdict(settings), default=str)).items() if k in RESUME_KEYS}
     before = marker.get("settings", {})
+    # A setting the interrupted run's marker lacks (written before the setting existed) had its default.
+    defaults = json.loads(json.dumps(asdict(RunSettings()), default=str))
+    before = {k: before.get(k, defaults.get(k)) for k in RESUME_KEYS}
     differences = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if before.get(k) != now.get(k)]
     old_data = marker.get("data", {})
     for name, info in data.items():
