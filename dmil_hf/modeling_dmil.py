@@ -332,7 +332,7 @@ class DmilEncoders(nn.Module):
 
     Instead of a tower's inputs, `<modality>_tower_embeds` `(batch, tower width)` may carry that tower's pooled output
     computed beforehand (what [`DmilEncoders.pooled_output`] returns): the tower is then skipped and only its
-    projection runs. The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
+    projection runs (so that modality has no `hidden_states` / `attentions` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
     off, and run without building a graph.
     """
 
