@@ -361,6 +361,10 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
     for modality, source in settings.pretrained.items():
         tower = AutoModel.from_pretrained(resolve_pretrained(source))
         towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
+        if settings.tower_pooling != "auto" and getattr(towers[modality], "pooler", None) is not None:
+            # As `build_tower` does: only "auto" pooling reads the pooler. Dropped here, so the saved checkpoint holds
+            # what `from_pretrained` rebuilds (no unexpected pooler weights) and DDP sees no unused parameters.
+            towers[modality].pooler = None
         configs[f"{modality}_config"] = towers[modality].config
     torch.manual_seed(settings.seed)
     model = build_model(settings.method, DmilConfig(**configs, **kwargs))

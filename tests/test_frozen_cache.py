@@ -77,6 +77,21 @@ def test_frozen_tower_gets_no_gradient_and_stays_in_eval_in_every_stage():
     assert model.dmil.encoders.projections["text"][0].weight.grad is not None
 
 
+def test_a_pretrained_tower_swapped_in_is_frozen(tmp_path):
+    from transformers import BertModel
+
+    from dmil_hf.towers import text_tower_config
+
+    BertModel(text_tower_config("tiny", vocab_size=50)).save_pretrained(tmp_path / "bert")
+    model = DmilForMultimodalClassification.from_encoders_pretrained(
+        text=str(tmp_path / "bert"), feature_modalities={"alpha": 6}, num_labels=3, freeze_towers=["text"])
+    tower = model.dmil.encoders.towers["text"]
+    assert not any(p.requires_grad for p in tower.parameters())
+    model.set_training_stage(3).train()
+    assert not tower.training and not any(p.requires_grad for p in tower.parameters())
+    assert all(p.requires_grad for p in model.dmil.encoders.towers["alpha"].parameters())
+
+
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "live"])
 def test_frozen_tower_is_bit_identical_after_staged_training(tmp_path, cache):
     tester = ModelTester(("text", "vision"))
