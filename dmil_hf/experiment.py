@@ -121,7 +121,8 @@ def check_freeze_towers(settings: RunSettings, modalities) -> None:
     if unknown:
         raise ValueError(f"--freeze-towers names {unknown}, which the dataset does not have (its modalities are "
                          f"{list(modalities)}).")
-    if settings.lora and not [m for m in modalities if m in ("text", "vision", "audio") and m not in frozen]:
+    towers = [m for m in modalities if m in ("text", "vision", "audio")]
+    if settings.lora and towers and all(m in frozen for m in towers):
         raise ValueError(f"--lora adapts the transformer towers that are not frozen, but --freeze-towers freezes all "
                          f"of them ({frozen}); freeze fewer towers or drop --lora.")
 

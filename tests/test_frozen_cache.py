@@ -215,6 +215,7 @@ def test_cli_freeze_towers_caches_under_the_cache_root(tmp_path, monkeypatch, ca
     common = ["train", "--dataset", str(tmp_path / "data"), "--stage-epochs", "1", "1", "1", "--batch-size", "16"]
     assert main(common + ["--output-dir", str(tmp_path / "bad"), "--freeze-towers", "gamma"]) == 2
     assert "--freeze-towers names ['gamma']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     for run in ("first", "second"):
         assert main(common + ["--output-dir", str(tmp_path / run), "--freeze-towers", "alpha"]) == 0
     stages = {run: json.loads((tmp_path / run / "metrics.json").read_text())["stages"] for run in ("first", "second")}
@@ -223,3 +224,11 @@ def test_cli_freeze_towers_caches_under_the_cache_root(tmp_path, monkeypatch, ca
     assert len(list((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))) == 2  # train and validation
     saved = DmilConfig.from_pretrained(tmp_path / "second")
     assert saved.frozen_modalities == ("alpha",)
+
+
+def test_lora_with_every_tower_frozen_is_refused_before_training():
+    from dmil_hf.experiment import RunSettings, check_freeze_towers
+
+    with pytest.raises(ValueError, match=r"freezes all of them \(\['text', 'audio'\]\)"):
+        check_freeze_towers(RunSettings(lora=True, freeze_towers=True), ("text", "audio"))
+    check_freeze_towers(RunSettings(lora=True, freeze_towers=["text"]), ("text", "audio"))  # LoRA on audio
