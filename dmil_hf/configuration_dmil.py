@@ -149,6 +149,12 @@ class DmilConfig(PretrainedConfig):
             device-to-host sync. `None` (default): run them in eager mode on CPU tensors only, where that costs no
             sync; `True`: in eager mode on any device (one sync per forward); `False`: never. Under `torch.compile`,
             `torch.export` and tracing they are always skipped. Shape, rank and dtype checks always run.
+        freeze_towers (`bool` or `list[str]`, defaults to `False`): towers that never train: `True` for every tower,
+            or a list of modality names (e.g. `["text", "audio"]`). A frozen tower stays in eval mode in every stage
+            (no dropout, no batch-norm updates), its parameters have `requires_grad=False` and it runs without a
+            graph; its projection to `hidden_size` still trains. `dmil_hf.training` then computes its pooled
+            outputs once per dataset split and feeds them as `<modality>_tower_embeds` (see
+            `dmil_hf.embedding_cache`). LoRA is the middle way: `apply_lora` adapts only towers that are not frozen.
 
     `DmilConfig()` with no argument is valid but empty (no modality): transformers' helpers build configs that way;
     a model refuses to be built from it. An unknown keyword argument (e.g. a misspelt field) raises a `TypeError`.
@@ -202,6 +208,7 @@ class DmilConfig(PretrainedConfig):
         optimizer: str = "adamw_torch",
         training_stage: int = 3,
         check_input_values: bool | None = None,
+        freeze_towers: bool | list[str] = False,
         **kwargs,
     ):
         self._refuse_unknown_keywords(kwargs)
@@ -269,6 +276,9 @@ class DmilConfig(PretrainedConfig):
         self.optimizer = optimizer
         self.training_stage = int(training_stage)
         self.check_input_values = check_input_values
+        if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
+            raise TypeError(f"`freeze_towers` is {freeze_towers!r}; expected True, False or a list of modality names.")
+        self.freeze_towers = freeze_towers if isinstance(freeze_towers, (bool, str)) else list(freeze_towers)
         super().__init__(**kwargs)
         # No modality at all is the valid-but-empty default (`DmilConfig()`, as every transformers composite config
         # allows); a model refuses to be built from it (`validate_for_model`). One modality is a mistake.
@@ -276,6 +286,27 @@ class DmilConfig(PretrainedConfig):
             raise ValueError(self._modalities_message())
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError(f"`num_labels` is {self.num_labels!r}; expected a positive integer (1 for regression).")
+        self._check_freeze_towers()
+
+    def _check_freeze_towers(self) -> None:
+        value = self.freeze_towers
+        if isinstance(value, bool):
+            return
+        if isinstance(value, str) or not all(isinstance(m, str) for m in value):
+            raise TypeError(f"`freeze_towers` is {value!r}; expected True, False or a list of modality names "
+                            f"(e.g. {[value] if isinstance(value, str) else list(self.modalities)[:1]}).")
+        unknown = sorted(set(value) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"`freeze_towers` names unknown modalities {unknown}; this config's modalities are "
+                             f"{list(self.modalities)}.")
+
+    @property
+    def frozen_modalities(self) -> tuple[str, ...]:
+        """The modalities whose towers `freeze_towers` freezes, in `modalities` order."""
+        value = self.freeze_towers
+        if isinstance(value, bool):
+            return self.modalities if value else ()
+        return tuple(m for m in self.modalities if m in value)
 
     def _modalities_message(self) -> str:
         return (

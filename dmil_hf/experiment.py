@@ -45,6 +45,8 @@ class RunSettings:
     hub_private: bool = False
     resume_with_changes: bool = False  # resume even though settings or data differ from the interrupted run's
     full_determinism: bool = False  # transformers' enable_full_determinism (torch deterministic algorithms)
+    freeze_towers: bool | list = False  # DmilConfig.freeze_towers: True (all towers) or modality names
+    embedding_cache: bool = True  # cache frozen towers' pooled outputs (dmil_hf.embedding_cache); False: run live
 
 
 DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in DmilConfig
@@ -53,7 +55,8 @@ DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in Dmil
 RUN_MARKER = "dmil_run.json"  # written first into every run folder: what the run is, its settings, its state
 # The settings a resumed run must share with the interrupted one (the others only say where output goes).
 RESUME_KEYS = ("dataset", "method", "towers", "pretrained", "stage_epochs", "stage_learning_rates", "epochs",
-               "learning_rate", "batch_size", "seed", "lora", "dataset_kwargs", "config_overrides", "tower_pooling")
+               "learning_rate", "batch_size", "seed", "lora", "dataset_kwargs", "config_overrides", "tower_pooling",
+               "freeze_towers")
 
 
 def _known_config_keys() -> set[str]:
@@ -106,6 +109,22 @@ def check_settings(settings: RunSettings) -> None:
         raise NotADirectoryError(f"--output-dir {str(path)!r} is a file; expected a folder (new or a dmil run).")
     for modality, source in settings.pretrained.items():
         check_pretrained_source(modality, source)
+    if not isinstance(settings.freeze_towers, bool) and (
+            isinstance(settings.freeze_towers, str) or not all(isinstance(m, str) for m in settings.freeze_towers)):
+        raise ValueError(f"--freeze-towers {settings.freeze_towers!r} must be modality names (or none: all towers).")
+
+
+def check_freeze_towers(settings: RunSettings, modalities) -> None:
+    """`--freeze-towers` must name the dataset's modalities, and `--lora` needs a transformer tower left unfrozen."""
+    frozen = list(modalities) if settings.freeze_towers is True else list(settings.freeze_towers or [])
+    unknown = sorted(set(frozen) - set(modalities))
+    if unknown:
+        raise ValueError(f"--freeze-towers names {unknown}, which the dataset does not have (its modalities are "
+                         f"{list(modalities)}).")
+    towers = [m for m in modalities if m in ("text", "vision", "audio")]
+    if settings.lora and towers and all(m in frozen for m in towers):
+        raise ValueError(f"--lora adapts the transformer towers that are not frozen, but --freeze-towers freezes all "
+                         f"of them ({frozen}); freeze fewer towers or drop --lora.")
 
 
 def check_pretrained_source(modality: str, source: str) -> str:
@@ -213,6 +232,9 @@ def check_resume_matches(output_dir: Path, settings: RunSettings, data: dict) ->
         return
     now = {k: v for k, v in json.loads(json.dumps(asdict(settings), default=str)).items() if k in RESUME_KEYS}
     before = marker.get("settings", {})
+    # A setting the interrupted run's marker lacks (written before the setting existed) had its default.
+    defaults = json.loads(json.dumps(asdict(RunSettings()), default=str))
+    before = {k: before.get(k, defaults.get(k)) for k in RESUME_KEYS}
     differences = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if before.get(k) != now.get(k)]
     old_data = marker.get("data", {})
     for name, info in data.items():
@@ -317,6 +339,7 @@ def build_config(settings: RunSettings, schema, dsd, processor):
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
         tower_pooling=settings.tower_pooling,
+        freeze_towers=settings.freeze_towers,
     )
     if settings.stage_epochs:
         kwargs.update({f"stage{k + 1}_epochs": e for k, e in enumerate(settings.stage_epochs)})
@@ -339,11 +362,16 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
     for modality, source in settings.pretrained.items():
         tower = AutoModel.from_pretrained(resolve_pretrained(source))
         towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
+        if settings.tower_pooling != "auto" and getattr(towers[modality], "pooler", None) is not None:
+            # As `build_tower` does: only "auto" pooling reads the pooler. Dropped here, so the saved checkpoint holds
+            # what `from_pretrained` rebuilds (no unexpected pooler weights) and DDP sees no unused parameters.
+            towers[modality].pooler = None
         configs[f"{modality}_config"] = towers[modality].config
     torch.manual_seed(settings.seed)
     model = build_model(settings.method, DmilConfig(**configs, **kwargs))
     for modality, tower in towers.items():
         model.base_model.encoders.towers[modality] = tower
+    model.base_model.encoders.apply_freezing()
     return model
 
 
@@ -439,6 +467,7 @@ def run_training(settings: RunSettings) -> dict:
     if unused:
         raise ValueError(f"{', '.join(f'--{m}-model' for m in unused)} given, but the dataset has no such modality "
                          f"(it has {list(schema.modalities)}); drop the option or use a dataset with that column.")
+    check_freeze_towers(settings, schema.modalities)
     label_warnings = check_label_coverage(dsd, schema.num_labels)
     for warning in label_warnings:
         logger.warning(warning)
@@ -488,7 +517,7 @@ def run_training(settings: RunSettings) -> dict:
         model, args, encoded["train"], encoded["validation"],
         compute_metrics=make_compute_metrics(validation_interactions),
         resume=settings.resume, metric="mse" if regression else "accuracy", greater_is_better=not regression,
-        callbacks=[clock.callback()],
+        callbacks=[clock.callback()], embedding_cache=settings.embedding_cache,
     )
     session_seconds = clock.session()
     if not state.is_main_process:

@@ -27,6 +27,9 @@ logger = logging.get_logger(__name__)
 _MAIN_INPUT_RANK = {"input_ids": 2, "pixel_values": 4, "input_values": 2, "input_features": 3}
 # Inputs that must be floating point (an integer tensor there is raw data: uint8 pixels, int16 PCM).
 _FLOAT_INPUTS = ("pixel_values", "input_values", "input_features", "features")
+# Name (after the modality prefix) of a tower's precomputed pooled output, `(batch, tower width)`: given instead of
+# the tower's own inputs, it skips the tower (the frozen-tower embedding cache feeds it; see `DmilEncoders.encode`).
+TOWER_EMBEDS = "tower_embeds"
 # Largest magnitude accepted in a floating-point input. Normalised model inputs are a few units; far beyond this, a
 # tower's LayerNorm squares values past float32's range and returns NaN (pixel values of 1e30 did) with no error.
 MAX_INPUT_MAGNITUDE = 1e6
@@ -331,6 +334,11 @@ class DmilEncoders(nn.Module):
     """
     The modality towers and their projections to `hidden_size`, shared by DMIL and the baselines. Takes the
     model's prefixed keyword inputs, checks them, routes them to each tower by its `main_input_name` and pools.
+
+    Instead of a tower's inputs, `<modality>_tower_embeds` `(batch, tower width)` may carry that tower's pooled output
+    computed beforehand (what [`DmilEncoders.pooled_output`] returns): the tower is then skipped and only its
+    projection runs (so that modality has no `hidden_states` / `attentions` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
+    off, and run without building a graph.
     """
 
     def __init__(self, config: DmilConfig):
@@ -362,6 +370,27 @@ class DmilEncoders(nn.Module):
             for m in self.modalities
         })
         self.dropout = nn.Dropout(config.dropout)
+        self.apply_freezing()
+
+    # --- frozen towers -----------------------------------------------------------------------------------------
+    @property
+    def frozen_modalities(self) -> tuple[str, ...]:
+        return self.config.frozen_modalities
+
+    def apply_freezing(self) -> None:
+        """Put the frozen towers (`config.freeze_towers`) in eval mode with `requires_grad` off. Runs at
+        construction and on every `train()`/`eval()`; call it after replacing a tower in `towers`."""
+        for modality in self.frozen_modalities:
+            self.towers[modality].eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.apply_freezing()
+        return self
+
+    def tower_width(self, modality: str) -> int:
+        """Width of the tower's pooled output: the size `<modality>_tower_embeds` must have."""
+        return self.projections[modality][0].in_features
 
     def input_names(self, modality: str) -> tuple[str, ...]:
         """The keyword arguments the tower of `modality` accepts (without the prefix)."""
@@ -383,7 +412,9 @@ class DmilEncoders(nn.Module):
         return "output_hidden_states" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
     def expected_keys(self) -> list[str]:
-        return [f"{m}_{name}" for m in self.modalities for name in self.input_names(m)]
+        """Every prefixed input: the towers' own, then each modality's `<modality>_tower_embeds`."""
+        return ([f"{m}_{name}" for m in self.modalities for name in self.input_names(m)]
+                + [f"{m}_{TOWER_EMBEDS}" for m in self.modalities])
 
     def route(self, inputs: dict) -> dict[str, dict]:
         """Split prefixed inputs by modality, with clear errors for anything unknown or malformed. Only shapes,
@@ -396,7 +427,7 @@ class DmilEncoders(nn.Module):
             modality = next((m for m in self.modalities if key.startswith(f"{m}_")), None)
             name = key[len(modality) + 1:] if modality else None
             # The names come from inspecting the towers: checked eagerly (a traced graph was checked when recorded).
-            if modality is None or (eager and name not in self.input_names(modality)):
+            if modality is None or (eager and name != TOWER_EMBEDS and name not in self.input_names(modality)):
                 raise ValueError(
                     f"Unknown input {key!r}. This model's modalities are {list(self.modalities)}; expected keyword "
                     f"inputs among {self.expected_keys()} (plus labels, modality_mask)."
@@ -412,6 +443,10 @@ class DmilEncoders(nn.Module):
             )
         batch_sizes = {}
         for modality, kwargs in routed.items():
+            if TOWER_EMBEDS in kwargs:
+                self._check_tower_embeds(modality, kwargs)
+                batch_sizes[f"{modality}_{TOWER_EMBEDS}"] = kwargs[TOWER_EMBEDS].shape[0]
+                continue
             main = self.main_input_name(modality)
             if main not in kwargs:
                 raise ValueError(f"Inputs for modality {modality!r} lack {modality}_{main}; got {sorted(kwargs)}.")
@@ -427,6 +462,20 @@ class DmilEncoders(nn.Module):
 
     def main_input_name(self, modality: str) -> str:
         return self.towers[modality].main_input_name
+
+    def _check_tower_embeds(self, modality, kwargs):
+        key, tensor = f"{modality}_{TOWER_EMBEDS}", kwargs[TOWER_EMBEDS]
+        others = sorted(f"{modality}_{name}" for name in kwargs if name != TOWER_EMBEDS)
+        if others:
+            raise ValueError(f"Input {key} replaces the {modality} tower's inputs, but {others} were given too; pass "
+                             "either the tower's inputs or its precomputed pooled output, not both.")
+        width = self.tower_width(modality)
+        if not tensor.is_floating_point():
+            raise TypeError(f"Input {key} has dtype {tensor.dtype}; expected a floating-point tensor (the tower's "
+                            "pooled output).")
+        if tensor.dim() != 2 or tensor.shape[1] != width:
+            raise ValueError(f"Input {key} has shape {tuple(tensor.shape)}; expected (batch, {width}), the {modality} "
+                             "tower's pooled output (before the projection to hidden_size).")
 
     def _check_main_input(self, modality, main, tensor):
         key = f"{modality}_{main}"
@@ -526,6 +575,26 @@ class DmilEncoders(nn.Module):
         # Audio towers subsample time, so a sample-level mask does not line up with the frames: plain mean.
         return hidden.mean(1)
 
+    def pooled_output(self, modality: str, kwargs: dict, output_hidden_states=False, output_attentions=False):
+        """
+        Run the tower of `modality` on its (unprefixed, already checked) inputs `kwargs` and pool: returns
+        `(pooled (batch, tower width), tower outputs)`. A frozen tower runs without a graph. The embedding cache
+        stores exactly this `pooled`, so the cached path computes what the raw-input path computes.
+        """
+        tower = self.towers[modality]
+        # Floating inputs in the tower's dtype: float64 arrays (numpy's default) would otherwise fail inside
+        # LayerNorm with "mixed dtype", and float32 inputs to a bfloat16 tower likewise.
+        dtype = next(tower.parameters()).dtype
+        if dtype.is_floating_point:
+            kwargs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in kwargs.items()}
+        flags = {}
+        if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
+            flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and modality not in self.frozen_modalities):
+            outputs = tower(**kwargs, **flags)
+            pooled = self.pool(modality, outputs, kwargs.get("attention_mask"))
+        return pooled, outputs
+
     def forward(self, inputs: dict, modality_mask=None):
         """Returns `(embeds (B, M, hidden_size), mask (B, M) bool)`; absent modalities get zero embeddings."""
         embeds, mask, _, _ = self.encode(inputs, modality_mask)
@@ -554,23 +623,17 @@ class DmilEncoders(nn.Module):
             if modality not in routed:
                 embeds.append(None)
                 continue
-            tower = self.towers[modality]
-            kwargs = dict(routed[modality])
-            # Floating inputs in the tower's dtype: float64 arrays (numpy's default) would otherwise fail inside
-            # LayerNorm with "mixed dtype", and float32 inputs to a bfloat16 tower likewise.
-            dtype = next(tower.parameters()).dtype
-            if dtype.is_floating_point:
-                kwargs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in kwargs.items()}
-            flags = {}
-            if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
-                flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
-            outputs = tower(**kwargs, **flags)
-            if flags and output_hidden_states:
-                hidden_states[modality] = getattr(outputs, "hidden_states", None) or ()
-            if flags and output_attentions:
-                attentions[modality] = getattr(outputs, "attentions", None) or ()
-            pooled = self.pool(modality, outputs, kwargs.get("attention_mask"))
-            embeds.append(self.dropout(self.projections[modality](pooled)))
+            projection = self.projections[modality]
+            if TOWER_EMBEDS in routed[modality]:  # precomputed: the tower is skipped
+                pooled = routed[modality][TOWER_EMBEDS].to(projection[0].weight.dtype)
+            else:
+                pooled, outputs = self.pooled_output(modality, routed[modality], output_hidden_states,
+                                                     output_attentions)
+                if output_hidden_states and self._accepts_output_flags(modality):
+                    hidden_states[modality] = getattr(outputs, "hidden_states", None) or ()
+                if output_attentions and self._accepts_output_flags(modality):
+                    attentions[modality] = getattr(outputs, "attentions", None) or ()
+            embeds.append(self.dropout(projection(pooled)))
         reference = next(e for e in embeds if e is not None)
         embeds = torch.stack([e if e is not None else reference.new_zeros(reference.shape) for e in embeds], dim=1)
         embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
@@ -730,6 +793,7 @@ class DmilPreTrainedModel(PreTrainedModel):
         model = cls(config)
         for modality, tower in towers.items():
             model.base_model.encoders.towers[modality] = tower
+        model.base_model.encoders.apply_freezing()
         new = [n for n, _ in model.named_parameters() if ".towers." not in f".{n}" or
                any(f"towers.{m}." in n for m in config.feature_modalities)]
         logger.info(f"Newly initialised DMIL weights (train them): {len(new)} tensors, e.g. {new[:5]}")
@@ -926,17 +990,21 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
 
     def set_training_stage(self, stage: int):
         """Switch the loss to `stage` and set `requires_grad` so only that stage's parameters train. Parameters that
-        were frozen before the first call (e.g. base weights under LoRA) stay frozen."""
+        were frozen before the first call (e.g. base weights under LoRA) and the towers of `config.freeze_towers`
+        stay frozen."""
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3; got {stage!r}.")
         if not hasattr(self, "_frozen_before_staging"):
             self._frozen_before_staging = {id(p) for p in self.parameters() if not p.requires_grad}
+        encoders = self.dmil.encoders
+        frozen = self._frozen_before_staging | {id(p) for m in encoders.frozen_modalities
+                                                for p in encoders.towers[m].parameters()}
         trainable = {1: ("level1", "readout") + (("synergy",) if self.config.stage1_synergy_weight else ()),
                      2: ("level2", "synergy", "readout"), 3: ("level1", "level2", "synergy", "readout")}[stage]
         for group, modules in self.stage_modules().items():
             for module in modules:
                 for p in module.parameters():
-                    p.requires_grad_(group in trainable and id(p) not in self._frozen_before_staging)
+                    p.requires_grad_(group in trainable and id(p) not in frozen)
         self.config.training_stage = stage
         self.train(self.training)
         return self

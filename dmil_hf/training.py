@@ -5,6 +5,11 @@ validation split, and ends by restoring its best checkpoint (`load_best_model_at
 stage starts. A finished stage leaves `stage<k>/best/` and `stage<k>/done.json`, so `resume=True` skips finished
 stages and continues the interrupted one from its last checkpoint with Trainer's own resume.
 
+Frozen towers run once, not once per epoch: before each stage, the pooled outputs of the towers that stay fixed in it
+(those of `config.freeze_towers` in every stage, and every tower in stage 2, where the schedule freezes them) are
+read from the embedding cache or computed once (`dmil_hf.embedding_cache`), and the stage trains and evaluates on
+them; the towers that train run live.
+
 Example (your own script):
 ```python
 from transformers import TrainingArguments
@@ -90,6 +95,40 @@ def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_bet
     return dataclasses.replace(args, **{k: v for k, v in overrides.items() if k in fields})
 
 
+def cached_stage_splits(model, args: TrainingArguments, stage: dict, train_dataset, eval_dataset,
+                        embedding_cache=True) -> tuple:
+    """`(train_dataset, eval_dataset, records)` for `stage`, with the towers that stay fixed in it replaced by their
+    cached pooled outputs (see the module docstring). `args` are the stage's own arguments (`output_dir` is the
+    stage's folder). `embedding_cache`: True for the default cache folder
+    (`$DMIL_HF_CACHE/embeddings`) for `config.freeze_towers`, a folder, or False to run every tower live. Towers that
+    only stage 2 freezes change between runs, so their arrays go to the stage's own folder (`<output_dir>/stage2/
+    embeddings`), which a finished `dmil train` run deletes with its checkpoints."""
+    from .embedding_cache import cache_tower_embeddings, default_cache_dir
+
+    encoders = getattr(getattr(model, "base_model", model), "encoders", None)
+    if not embedding_cache or encoders is None:
+        return train_dataset, eval_dataset, []
+    frozen = list(encoders.frozen_modalities)
+    by_schedule = [m for m in encoders.modalities if m not in frozen] if stage["stage"] == 2 else []
+    splits = {"train": train_dataset}
+    named_evals = isinstance(eval_dataset, dict)
+    for name, split in (eval_dataset.items() if named_evals else [("validation", eval_dataset)]):
+        splits[f"eval:{name}" if named_evals else name] = split
+    records = []
+    show = not args.disable_tqdm
+    for modalities, folder in ((frozen, default_cache_dir() if embedding_cache is True else Path(embedding_cache)),
+                               (by_schedule, Path(args.output_dir) / "embeddings")):
+        if modalities:
+            splits, new = cache_tower_embeddings(model, splits, modalities, folder, device=args.device,
+                                                 batch_size=args.per_device_eval_batch_size, show_progress=show)
+            records += new
+    if named_evals:
+        evals = {name[len("eval:"):]: split for name, split in splits.items() if name.startswith("eval:")}
+    else:
+        evals = splits["validation"]
+    return splits["train"], evals, records
+
+
 def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
     """Load `folder/model.safetensors` into `model` key for key; a missing or unexpected weight is an error."""
     path = Path(folder) / "model.safetensors"
@@ -151,7 +190,7 @@ def last_complete_checkpoint(stage_dir) -> str | None:
 
 def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
                  data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
-                 greater_is_better: bool = True, processor=None) -> list[dict]:
+                 greater_is_better: bool = True, processor=None, embedding_cache=True) -> list[dict]:
     """
     Train `model` stage by stage (DMIL) or in one run (baselines), restoring the best validation checkpoint at the end
     of every stage. Returns one record per stage (`stage`, `best_metric`, `best_checkpoint`, `train_seconds`).
@@ -163,6 +202,8 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         resume: continue an interrupted run from `args.output_dir` (finished stages are reloaded, not re-run).
         metric / greater_is_better: the validation metric (from `compute_metrics`) that picks each stage's best.
         processor: saved beside the final model when `args.push_to_hub` is set.
+        embedding_cache: where the pooled outputs of frozen towers are cached (see [`cached_stage_splits`]): True
+            (default folder), a folder, or False (every tower runs live in every epoch; the same result).
 
     With `args.push_to_hub=True` (and `args.hub_model_id`), the finished model is saved to `args.output_dir/final` and
     pushed with [`dmil_hf.hub.push_model`]: exported with its remote code and model card, reloaded in a fresh process
@@ -184,7 +225,9 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             logger.info("Resume: %s already finished; reloaded its best checkpoint.", stage["name"])
             continue
         stage_args = _stage_arguments(args, stage, model, greater_is_better, f"eval_{metric}")
-        trainer = DmilTrainer(model=model, args=stage_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        stage_train, stage_eval, cached = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset,
+                                                              embedding_cache)
+        trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, eval_dataset=stage_eval,
                               compute_metrics=compute_metrics, data_collator=data_collator, callbacks=callbacks)
         last = last_complete_checkpoint(stage_dir) if resume and stage_dir.exists() else None
         output = trainer.train(resume_from_checkpoint=last)
@@ -195,6 +238,7 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             "train_seconds": output.metrics.get("train_runtime"),
             "epochs": stage["epochs"],
             "learning_rate": stage["learning_rate"],
+            "embedding_cache": [{k: r[k] for k in ("split", "modality", "hit")} for r in cached],
         }
         if trainer.state.best_model_checkpoint:
             # Trainer reloads the best checkpoint non-strictly; check that every weight really came back.
@@ -237,21 +281,29 @@ def lora_target_modules(tower: torch.nn.Module) -> list[str]:
 
 
 def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, modalities=None, target_modules=None):
-    """Wrap each transformer tower (all, or `modalities`) in a peft LoRA model: its base weights freeze, the adapters
-    and the whole DMIL head stay trainable. Call before training (before the first `set_training_stage`)."""
+    """Wrap each transformer tower (all that `config.freeze_towers` does not freeze, or `modalities`) in a peft LoRA
+    model: its base weights freeze, the adapters and the whole DMIL head stay trainable. Call before training (before
+    the first `set_training_stage`). Naming a frozen tower in `modalities` is an error: frozen is frozen."""
     from peft import LoraConfig, get_peft_model
 
-    towers = model.base_model.encoders.towers
+    encoders = model.base_model.encoders
+    towers, frozen = encoders.towers, set(encoders.frozen_modalities)
+    if modalities is not None and frozen & set(modalities):
+        raise ValueError(f"LoRA asked for the towers {sorted(frozen & set(modalities))}, which config.freeze_towers "
+                         "freezes; unfreeze them (LoRA is the middle way between frozen and fully trained) or leave "
+                         "them out of `modalities`.")
     wrapped = []
     for modality, tower in list(towers.items()):
-        if not isinstance(tower, PreTrainedModel) or (modalities is not None and modality not in modalities):
+        if not isinstance(tower, PreTrainedModel) or modality in frozen or (
+                modalities is not None and modality not in modalities):
             continue
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                             target_modules=target_modules or lora_target_modules(tower))
         towers[modality] = get_peft_model(tower, config)
         wrapped.append(modality)
     if not wrapped:
-        raise ValueError("LoRA needs at least one transformer tower; this model has only feature towers.")
+        raise ValueError("LoRA needs a transformer tower that config.freeze_towers does not freeze; this model has "
+                         f"none (towers: {list(towers)}, frozen: {sorted(frozen)}).")
     return wrapped
 
 
@@ -295,6 +347,7 @@ def load_lora_adapters(model, directory: str | Path) -> list[str]:
 __all__ = [
     "DmilTrainer",
     "apply_lora",
+    "cached_stage_splits",
     "checkpoint_problem",
     "last_complete_checkpoint",
     "load_lora_adapters",

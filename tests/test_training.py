@@ -278,6 +278,11 @@ def test_two_process_accelerate_matches_one_process(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
         assert torch.allclose(rank0[name], single[name], atol=1e-5), name
+    # The frozen alpha tower's embeddings: built once by the main process, read by the other; one file each run.
+    built = {r: [c["hit"] for c in json.loads((tmp_path / "two" / f"cache_rank{r}.json").read_text())] for r in (0, 1)}
+    assert built == {0: [False], 1: [True]}
+    assert json.loads((tmp_path / "one" / "cache_rank0.json").read_text())[0]["hit"] is False
+    assert len(list((tmp_path / "two" / "cache").iterdir())) == 1
     losses_two = json.loads((tmp_path / "two" / "losses.json").read_text())
     losses_one = json.loads((tmp_path / "one" / "losses.json").read_text())
     assert len(losses_two) == len(losses_one) > 0

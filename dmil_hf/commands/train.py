@@ -24,7 +24,13 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0,
                    help="seeds model init, data order and dropout: on CPU the same seed, settings and thread count "
                         "give identical weights")
-    p.add_argument("--lora", action="store_true", help="LoRA on the transformer towers; the head trains fully")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA on the transformer towers that are not frozen; the head trains fully")
+    p.add_argument("--freeze-towers", nargs="*", metavar="MODALITY", default=None,
+                   help="freeze these towers (no modality named: every tower): eval mode, no gradient, their pooled "
+                        "outputs computed once per split and cached; their projections still train")
+    p.add_argument("--no-embedding-cache", action="store_true",
+                   help="run frozen towers live in every epoch instead of caching their outputs (same result, slower)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--resume-with-changes", action="store_true",
                    help="with --resume: continue even though settings or data differ from the interrupted run's")
@@ -72,6 +78,8 @@ def run(args) -> int:
         config_overrides=parse_key_values(args.config_arg, "--config-arg"), push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id, hub_private=args.hub_private, resume_with_changes=args.resume_with_changes,
         full_determinism=args.full_determinism,
+        freeze_towers=False if args.freeze_towers is None else (list(args.freeze_towers) or True),
+        embedding_cache=not args.no_embedding_cache,
     )
     metrics = run_training(settings)
     if metrics:
