@@ -169,7 +169,10 @@ def _stage_rows(config) -> list[dict]:
     trains = {1: "encoders, level 1 (task-relevant / -irrelevant latents), unimodal heads",
               2: "level 2 (redundancy, uniqueness, synergy), component heads, gate; level 1 frozen",
               3: "everything"}
-    losses = {1: "Σ CE(unimodal) + λ·(KL + reconstruction)",
+    warm_up = getattr(config, "stage1_synergy_weight", 0.0)
+    if warm_up:
+        trains[1] += f"; synergy component warms up on detached embeddings (weight {warm_up:g})"
+    losses = {1: "Σ CE(unimodal) + λ·(KL + reconstruction)" + (" + w·CE(synergy)" if warm_up else ""),
               2: "CE(gated) + λ·(level-2 KLs + alignment) + w·Σ CE(component)",
               3: "CE(gated) + w·Σ CE(unimodal) + λ·KL + level-2 terms + w·Σ CE(component)"}
     return [{"stage": k, "trains": trains[k], "loss": losses[k], "epochs": f"{getattr(config, f'stage{k}_epochs'):g}",
@@ -187,6 +190,8 @@ def _loss_weights(config) -> list[dict]:
         {"name": "level1_kl_weights", "value": per_modality("level1_kl_weights"), "role": "stage 1 KL per modality"},
         {"name": "level1_reconstruction_weights", "value": per_modality("level1_reconstruction_weights"),
          "role": "stage 1 reconstruction per modality"},
+        {"name": "stage1_synergy_weight", "value": f"{getattr(config, 'stage1_synergy_weight', 0.0):g}",
+         "role": "stage 1 warm-up of the synergy component (detached inputs)"},
         {"name": "stage2_reconstruction_weight", "value": f"{config.stage2_reconstruction_weight:g}",
          "role": "stage 2 rebuild of the task-relevant latents"},
         {"name": "stage2_component_weight", "value": f"{config.stage2_component_weight:g}",
