@@ -226,8 +226,9 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
     - `redundancy`: 1 − that cosine similarity.
     Loss = task + `config.i2moe_interaction_weight` · mean of the `num_modalities + 2` interaction losses.
 
-    Missing modalities: the uniqueness expert of an absent modality and the synergy expert get weight 0 (the others
-    are renormalised), as in DMIL, and are left out of the interaction losses for those samples.
+    Missing modalities: the uniqueness expert of an absent modality, and the synergy expert when fewer than two
+    modalities remain, get weight 0 (the others are renormalised), as in DMIL, and are left out of the interaction
+    losses for those samples.
 
     Differences from the reference code: the interaction losses act on the experts' fusion outputs (width
     `hidden_size`) rather than on their logits, so they are also defined for regression and binary heads; all experts
@@ -271,8 +272,8 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
         component_embeds = expert_outputs[0]
         component_logits = torch.stack([head(component_embeds[:, k]) for k, head in enumerate(self.expert_heads)], 1)
 
-        all_present = mask.all(1)
-        component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, all_present.unsqueeze(1)], 1)
+        pairs_present = mask.sum(1) >= 2  # as in DMIL: synergy needs two modalities, not all of them
+        component_mask = torch.cat([torch.ones_like(pairs_present).unsqueeze(1), mask, pairs_present.unsqueeze(1)], 1)
         gate_logits = self.reweight(embeds.flatten(1)) / getattr(config, "i2moe_temperature", 1.5)
         weights = gate_logits.masked_fill(~component_mask, float("-inf")).softmax(-1)
         logits = (weights.unsqueeze(-1) * component_logits).sum(1)

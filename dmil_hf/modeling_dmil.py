@@ -928,7 +928,9 @@ class DmilModel(DmilPreTrainedModel):
         synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
         component_embeds = torch.stack([redundant] + unique + [synergistic], 1)
-        component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, all_present.unsqueeze(1)], 1)
+        # Synergy needs two modalities, not all of them: with three, a sample missing one can still be a pair's synergy.
+        pairs_present = mask.sum(1) >= 2
+        component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, pairs_present.unsqueeze(1)], 1)
         component_embeds = component_embeds * component_mask.unsqueeze(-1).to(component_embeds.dtype)
         return DmilModelOutput(
             loss_terms=terms,

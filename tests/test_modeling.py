@@ -147,8 +147,20 @@ def test_missing_modality_each(trimodal, absent):
         out = model(**inputs)
     names = model.config.component_names
     weights = dict(zip(names, out.interaction_weights[0].tolist()))
-    assert weights[f"unique_{absent}"] == 0.0 and weights["synergy"] == 0.0
+    gate = dict(zip(names, out.gate_weights[0].tolist()))
+    assert weights[f"unique_{absent}"] == 0.0 and gate[f"unique_{absent}"] == 0.0
+    # Two of the three modalities remain: their synergy is still a component the gate can use.
+    assert gate["synergy"] > 0.0
     assert abs(sum(weights.values()) - 1) < 1e-6 and torch.isfinite(out.logits).all()
+
+
+def test_synergy_needs_two_modalities():
+    tester = ModelTester(("text", "vision"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    inputs = {k: v for k, v in tester.inputs().items() if k.startswith("text_")}
+    with torch.no_grad():
+        out = model(**inputs)
+    assert bool((out.gate_weights[:, -1] == 0).all()) and bool((out.interaction_weights[:, -1] == 0).all())
 
 
 def test_missing_modality_per_sample_mask(trimodal):
@@ -158,7 +170,8 @@ def test_missing_modality_per_sample_mask(trimodal):
     with torch.no_grad():
         full = model(**trimodal.inputs())
         masked = model(modality_mask=mask, **trimodal.inputs())
-    assert masked.interaction_weights[1, 3] == 0 and masked.interaction_weights[1, 4] == 0
+    assert masked.interaction_weights[1, 3] == 0 and masked.gate_weights[1, 3] == 0
+    assert masked.gate_weights[1, 4] > 0  # text and vision remain: their synergy stays available
     torch.testing.assert_close(masked.logits[0], full.logits[0])
     assert not torch.allclose(masked.logits[1], full.logits[1])
 
