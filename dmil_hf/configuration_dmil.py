@@ -109,12 +109,22 @@ class DmilConfig(PretrainedConfig):
             mean; `"cls"` the first token. The mean is the default because it trains randomly initialised towers far
             faster than a fresh CLS pooler (on `digits`, joint learning's unique-vision accuracy went from near
             chance to about a third in the same epochs) and suits sentence-embedding checkpoints such as MiniLM.
-        synergy_source (`str`, defaults to `"embeddings"`): what the synergy component is built from (each
-            modality's vector and the pairwise element-wise products): `"irrelevant"` (the paper: the task-irrelevant
-            latents), `"all"` (task-relevant latents too) or `"embeddings"` (the projected tower embeddings, before
-            any bottleneck). On `synthetic` (validation split, 4/4/16 epochs), DMIL's synergy accuracy was 0.52 with
-            `"all"` and 0.92 with `"embeddings"`: the variational bottlenecks keep what each modality predicts alone and drop
-            the fine detail that only matters in combination.
+        synergy_source (`str`, defaults to `"towers"`): what the synergy component is built from (each modality's
+            vector and the pairwise element-wise products): `"irrelevant"` (the paper: the task-irrelevant latents),
+            `"all"` (task-relevant latents too), `"embeddings"` (the projected tower embeddings that the bottlenecks
+            also read) or `"towers"` (each tower's pooled output through the synergy component's own projection). On
+            `synthetic` (validation split, 4/4/16 epochs), DMIL's synergy accuracy was 0.52 with `"all"` and 0.92 with
+            `"embeddings"`: the variational bottlenecks keep what each modality predicts alone and drop the fine
+            detail that only matters in combination. `"towers"` goes one step further: what synergy needs from a
+            tower no longer has to share one embedding with what the bottlenecks and the unimodal heads need. On two
+            unseen feature datasets (user-dataset path, validation, one seed) it raised synergy accuracy from 49.7 to
+            89.9 and from 24.9 to 65.0 (joint learning: 91.8 and 59.9), on `synthetic` to 0.99, and on `digits` (3
+            seeds) overall accuracy from 67.2 to 69.7 (with `synergy_tower_gradient=0.25`).
+        synergy_tower_gradient (`float`, defaults to 0.25): with `synergy_source="towers"`, the factor on the gradient
+            the synergy component sends into the towers in stage 3 (its own projections always get the full
+            gradient; the stage-1 warm-up sends none). At 1 the towers learn what synergy needs as fast as in joint
+            learning, and like joint learning they then lose what each modality knows alone: on `digits` (2 seeds)
+            overall accuracy fell to 62.1 with 1.0, against 69.2-71.3 with 0.25.
         synergy_gate_penalty (`float`, defaults to 0.1): price (stages 2-3) on the gate weight of the synergy
             component, so the gate uses it only where the simpler components cannot explain the sample.
         dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
@@ -184,7 +194,7 @@ class DmilConfig(PretrainedConfig):
         feature_hidden_size: int = 128,
         gate_hidden_size: int = 64,
         tower_pooling: str = "mean",
-        synergy_source: str = "embeddings",
+        synergy_source: str = "towers",
         synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,
         lamb: float = 0.2,
@@ -199,6 +209,7 @@ class DmilConfig(PretrainedConfig):
         stage3_reconstruction_weight: float = 0.01,
         stage3_level1_tower_gradient: float = 1.0,
         stage1_synergy_weight: float = 1.0,
+        synergy_tower_gradient: float = 0.25,
         stage1_epochs: float = 4,
         stage2_epochs: float = 4,
         stage3_epochs: float = 16,
@@ -228,8 +239,12 @@ class DmilConfig(PretrainedConfig):
                 raise ValueError(f"feature modality {name!r} has input width {dim}; expected a positive integer.")
         if tower_pooling not in ("auto", "mean", "cls"):
             raise ValueError(f"`tower_pooling` is {tower_pooling!r}; expected 'auto', 'mean' or 'cls'.")
-        if synergy_source not in ("all", "irrelevant", "embeddings"):
-            raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all', 'irrelevant' or 'embeddings'.")
+        if synergy_source not in ("all", "irrelevant", "embeddings", "towers"):
+            raise ValueError(f"`synergy_source` is {synergy_source!r}; expected 'all', 'irrelevant', 'embeddings' or "
+                             "'towers'.")
+        if not 0.0 <= float(synergy_tower_gradient) <= 1.0:
+            raise ValueError(f"`synergy_tower_gradient` is {synergy_tower_gradient}; expected a number in [0, 1].")
+        self.synergy_tower_gradient = float(synergy_tower_gradient)
         if check_input_values not in (None, True, False):
             raise ValueError(f"`check_input_values` is {check_input_values!r}; expected None, True or False.")
         if training_stage not in (1, 2, 3):

@@ -600,8 +600,10 @@ class DmilEncoders(nn.Module):
         embeds, mask, _, _ = self.encode(inputs, modality_mask)
         return embeds, mask
 
-    def encode(self, inputs: dict, modality_mask=None, output_hidden_states=False, output_attentions=False):
-        """As `forward`, plus the towers' hidden states and attentions by modality (None when not asked for)."""
+    def encode(self, inputs: dict, modality_mask=None, output_hidden_states=False, output_attentions=False,
+               return_pooled=False):
+        """As `forward`, plus the towers' hidden states and attentions by modality (None when not asked for), and with
+        `return_pooled` the pooled tower outputs before the projection (a dict over the modalities present)."""
         routed = self.route(inputs)
         self.check_values(routed)
         batch_size = next(iter(next(iter(routed.values())).values())).shape[0]
@@ -618,7 +620,7 @@ class DmilEncoders(nn.Module):
         mask = mask & modality_mask if modality_mask is not None else mask.clone()
         if modality_mask is not None and value_checks_enabled(self.config, mask) and not mask.any(1).all():
             raise ValueError("modality_mask marks every modality absent for some samples; keep at least one.")
-        embeds, hidden_states, attentions = [], {}, {}
+        embeds, hidden_states, attentions, pooled_outputs = [], {}, {}, {}
         for modality in self.modalities:
             if modality not in routed:
                 embeds.append(None)
@@ -634,11 +636,13 @@ class DmilEncoders(nn.Module):
                 if output_attentions and self._accepts_output_flags(modality):
                     attentions[modality] = getattr(outputs, "attentions", None) or ()
             embeds.append(self.dropout(projection(pooled)))
+            pooled_outputs[modality] = pooled
         reference = next(e for e in embeds if e is not None)
         embeds = torch.stack([e if e is not None else reference.new_zeros(reference.shape) for e in embeds], dim=1)
         embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
-        return (embeds, mask, hidden_states if output_hidden_states else None,
-                attentions if output_attentions else None)
+        out = (embeds, mask, hidden_states if output_hidden_states else None,
+               attentions if output_attentions else None)
+        return out + (pooled_outputs,) if return_pooled else out
 
 
 class DmilPreTrainedModel(PreTrainedModel):
@@ -818,9 +822,37 @@ class DmilModel(DmilPreTrainedModel):
         self.unique = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
         self.reconstruct_relevant = nn.ModuleDict({m: _mlp(2 * latent, latent, latent) for m in modalities})
         num_pairs = num * (num - 1) // 2
-        width = {"irrelevant": latent, "all": 2 * latent, "embeddings": config.hidden_size}[config.synergy_source]
+        width = {"irrelevant": latent, "all": 2 * latent, "embeddings": hidden, "towers": hidden}[config.synergy_source]
+        if config.synergy_source == "towers":
+            # The synergy component's own view of each tower (its pooled output), so that what it needs from a tower
+            # does not have to share one embedding with what the bottlenecks and unimodal heads need.
+            self.synergy_projections = nn.ModuleDict({
+                m: nn.Sequential(nn.Linear(self.encoders.tower_width(m), hidden), nn.LayerNorm(hidden))
+                for m in modalities})
         self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
         self.post_init()
+
+    def synergy_modules(self):
+        return [self.synergy] + ([self.synergy_projections] if hasattr(self, "synergy_projections") else [])
+
+    def synergy_inputs(self, pooled: dict, mask):
+        """The synergy component's per-modality inputs `(B, M, hidden)` from the pooled tower outputs (`"towers"`):
+        stage 1 (the warm-up) reads them detached; stage 3 scales the gradient they send into the towers by
+        `synergy_tower_gradient`; its own projections always train."""
+        config = self.config
+        scale = {1: 0.0, 2: 1.0, 3: config.synergy_tower_gradient}[config.training_stage]
+        views = []
+        for i, m in enumerate(config.modalities):
+            if m not in pooled:
+                views.append(None)
+                continue
+            tower = pooled[m]
+            if scale != 1.0:
+                tower = tower.detach() if scale == 0.0 else tower * scale + tower.detach() * (1.0 - scale)
+            views.append(self.encoders.dropout(self.synergy_projections[m](tower)))
+        reference = next(v for v in views if v is not None)
+        views = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in views], 1)
+        return views * mask.unsqueeze(-1).to(views.dtype)
 
     def level1_modules(self):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
@@ -845,15 +877,21 @@ class DmilModel(DmilPreTrainedModel):
             return_dict, output_hidden_states, output_attentions)
         # Stage 2 trains level 2 only: skip building a graph through the frozen towers.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
-            embeds, mask, hidden_states, attentions = self.encoders.encode(
-                inputs, modality_mask, output_hidden_states, output_attentions)
-        out = self.decompose(embeds, mask)
+            embeds, mask, hidden_states, attentions, pooled = self.encoders.encode(
+                inputs, modality_mask, output_hidden_states, output_attentions, return_pooled=True)
+        synergy_embeds = self.synergy_inputs(pooled, mask) if self.config.synergy_source == "towers" else None
+        out = self.decompose(embeds, mask, synergy_embeds)
         if hidden_states is not None or attentions is not None:  # rebuilt so the fields keep their tuple positions
             out = DmilModelOutput(**dict(out.items()), hidden_states=hidden_states, attentions=attentions)
         return out if return_dict else out.to_tuple()
 
-    def decompose(self, embeds, mask) -> DmilModelOutput:
-        """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`."""
+    def decompose(self, embeds, mask, synergy_embeds=None) -> DmilModelOutput:
+        """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`; with
+        `synergy_source="towers"`, also the synergy component's inputs `(B, M, hidden)` (see `synergy_inputs`)."""
+        if self.config.synergy_source == "towers" and synergy_embeds is None:
+            raise ValueError("synergy_source='towers' reads the synergy component's own view of the towers: pass "
+                             "`synergy_embeds=model.synergy_inputs(pooled, mask)` (pooled from "
+                             "`encoders.encode(..., return_pooled=True)`).")
         config = self.config
         modalities = config.modalities
         # Stage 3 scales the gradient that level 1 (and every component built on it) sends into the towers by
@@ -922,8 +960,10 @@ class DmilModel(DmilPreTrainedModel):
             sources = torch.cat([irrelevant_means, relevant_means], -1)
         elif config.synergy_source == "embeddings":
             sources = embeds
-        if config.training_stage == 1:  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
-            sources = sources.detach()
+        elif config.synergy_source == "towers":
+            sources = synergy_embeds
+        if config.training_stage == 1 and config.synergy_source != "towers":
+            sources = sources.detach()  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
         pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
         synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
@@ -987,7 +1027,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         modality heads (`readout`) train in every stage."""
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
                 "level2": self.dmil.level2_modules() + list(self.component_heads[:-1]) + [self.gate],
-                "synergy": [self.dmil.synergy, self.component_heads[-1]],
+                "synergy": self.dmil.synergy_modules() + [self.component_heads[-1]],
                 "readout": [self.modality_heads]}
 
     def set_training_stage(self, stage: int):

@@ -53,10 +53,14 @@ def profile_head(model, batch_size: int = 32, repeats: int = 10, device: str | N
     model = model.to(device).eval()
     inputs = {k: v.to(device) for k, v in random_inputs(model.config, batch_size).items()}
     base = model.base_model
-    embeds, mask = base.encoders(inputs)
+    embeds, mask, _, _, pooled = base.encoders.encode(inputs, return_pooled=True)
     towers = _timed(lambda: base.encoders(inputs), repeats, device)
     if hasattr(model, "classify"):
-        head = _timed(lambda: model.classify(base.decompose(embeds, mask)), repeats, device)
+        def head_only():  # the synergy component's own projections of the pooled outputs count as head
+            views = base.synergy_inputs(pooled, mask) if model.config.synergy_source == "towers" else None
+            return model.classify(base.decompose(embeds, mask, views))
+
+        head = _timed(head_only, repeats, device)
     else:
         head = _timed(lambda: model(**inputs), repeats, device) - towers
     return {"device": str(device), "batch_size": batch_size, "towers_ms": 1000 * towers, "head_ms": 1000 * head,

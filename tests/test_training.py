@@ -339,3 +339,26 @@ def test_cli_bad_dataset_clear_error(tmp_path, capsys, breakage, message):
     breakage(feature_dataset()).save_to_disk(tmp_path / "bad")
     assert main(["train", "--dataset", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_synergy_tower_gradient_scales_only_the_synergy_share_of_the_tower_gradient():
+    batch = {"alpha_features": torch.randn(8, 6), "beta_features": torch.randn(8, 4)}
+    labels = torch.randint(0, 3, (8,))
+    grads = {}
+    for scale in (0.0, 0.5, 1.0):
+        model = feature_model(dropout=0.0, synergy_tower_gradient=scale).set_training_stage(3)
+        torch.manual_seed(1)  # the same bottleneck noise in every run
+        model(**batch, labels=labels).loss.backward()
+        grads[scale] = torch.cat([p.grad.flatten() for p in model.dmil.encoders.towers.parameters()])
+    assert not torch.allclose(grads[0.0], grads[1.0])
+    # The gradient is linear in the factor: half way between none and all of the synergy's share.
+    torch.testing.assert_close(grads[0.5], (grads[0.0] + grads[1.0]) / 2, atol=1e-6, rtol=1e-4)
+
+
+def test_stage2_trains_the_synergy_projections_but_not_the_towers():
+    model = feature_model().set_training_stage(2)
+    model.train()
+    batch = {"alpha_features": torch.randn(8, 6), "beta_features": torch.randn(8, 4)}
+    model(**batch, labels=torch.randint(0, 3, (8,))).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dmil.synergy_projections.parameters())
+    assert all(p.grad is None for p in model.dmil.encoders.towers.parameters())
