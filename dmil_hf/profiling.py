@@ -1,5 +1,5 @@
-"""How much the decomposition head costs next to the towers (forward latency, eval mode, CPU or GPU), and what
-`torch.compile` changes in a training step."""
+"""How much the decomposition head costs next to the towers (forward latency, eval mode, CPU or GPU), what a training
+step of each method costs on the same towers and batch, and what `torch.compile` changes in a training step."""
 
 from __future__ import annotations
 
@@ -119,4 +119,65 @@ def profile_compile(model, batch_size: int = 32, steps: int = 20, device: str | 
             "threads": torch.get_num_threads(), "modalities": list(model.config.modalities)}
 
 
-__all__ = ["profile_compile", "profile_head", "random_inputs"]
+def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, steps: int = 50, stage: int = 3,
+                       device: str | None = None, text_length: int = 32) -> dict:
+    """
+    Median wall time of one bare training step (forward with labels, backward, AdamW step: what `Trainer` runs per
+    batch, without its data loading, logging, evaluation and checkpoints) of each of `methods`, built by
+    [`dmil_hf.baselines.build_model`] from `config` with the same seed, on the same random batch. DMIL trains in
+    `stage`. The methods take turns step by step (A B A B ...), so a machine whose speed drifts slows them alike;
+    `ratio_to_<first method>` divides each median by the first method's.
+
+    Example:
+    ```python
+    >>> from dmil_hf import DmilConfig
+    >>> result = profile_train_step(DmilConfig(feature_modalities={"a": 8, "b": 8}, num_labels=3), steps=5)
+    >>> sorted(result["step_ms"])
+    ['dmil', 'joint']
+    ```
+    """
+    from .baselines import build_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator().manual_seed(0)
+    inputs = {k: v.to(device) for k, v in random_inputs(config, batch_size, text_length, generator).items()}
+    labels = torch.randint(0, max(config.num_labels, 1), (batch_size,), generator=generator).to(device)
+    if config.num_labels == 1:
+        labels = labels.float()
+    step_fns = {}
+    for method in methods:
+        torch.manual_seed(0)
+        model = build_model(method, copy.deepcopy(config)).to(device)
+        if hasattr(model, "set_training_stage"):
+            model.set_training_stage(stage)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        try:  # Trainer's default optimizer (adamw_torch_fused) where this torch has it for the device
+            optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+        except (RuntimeError, ValueError):
+            optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            model(**inputs, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_fns[method] = step
+    times = {method: [] for method in methods}
+    for i in range(steps + 3):
+        for method, step in step_fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times[method].append(time.perf_counter() - start)
+    step_ms = {method: 1000 * statistics.median(t) for method, t in times.items()}
+    first = methods[0]
+    return {"device": str(device), "batch_size": batch_size, "steps": steps, "dmil_stage": stage,
+            "threads": torch.get_num_threads(), "modalities": list(config.modalities), "step_ms": step_ms,
+            f"ratio_to_{first}": {method: ms / step_ms[first] for method, ms in step_ms.items()}}
+
+
+__all__ = ["profile_compile", "profile_head", "profile_train_step", "random_inputs"]

@@ -39,23 +39,41 @@ LORA_TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), 
 
 
 class DmilTrainer(Trainer):
-    """`Trainer` that logs every loss term of DMIL (and the baselines) by name, averaged over the logging window."""
+    """`Trainer` that logs every loss term of DMIL (and the baselines) by name, averaged over the logging window.
+
+    The terms are summed on the model's device, one stacked tensor per step, and read back once per logging window:
+    reading each term every step (`float(term)`) would make the host wait for the device once per term per step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._term_sums: dict[str, float] = {}
+        self._term_sums: dict[str, float] = {}  # windows already read back (the term names changed within one)
+        self._term_names: tuple[str, ...] = ()
+        self._term_total = None  # running sum of the current names' values, on the device
         self._term_steps = 0
+
+    def _flush_terms(self):
+        if self._term_total is not None:
+            for name, value in zip(self._term_names, self._term_total.tolist()):
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        self._term_total = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        if model.training and getattr(outputs, "loss_terms", None):
-            for name, value in outputs.loss_terms.items():
-                self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+        terms = getattr(outputs, "loss_terms", None)
+        if model.training and terms:
+            names = tuple(terms)
+            if names != self._term_names:
+                self._flush_terms()
+                self._term_names = names
+            with torch.no_grad():
+                values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+                self._term_total = values if self._term_total is None else self._term_total + values
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._term_steps:
+            self._flush_terms()
             logs.update({f"loss_{k}": round(v / self._term_steps, 5) for k, v in self._term_sums.items()})
             self._term_sums, self._term_steps = {}, 0
         super().log(logs, *args, **kwargs)

@@ -42,6 +42,11 @@ def add_parser(subparsers):
                    help="push the finished model (exported with remote code and card) to --hub-model-id")
     p.add_argument("--hub-model-id", help="user/name or org/name on the Hub")
     p.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads for this run (default: torch's, one per core). When several runs share "
+                        "the machine, give each its share of the cores (e.g. 1 each for two runs on 2 cores): "
+                        "oversubscribed threads slow every run many times over. The count is recorded in metrics.json "
+                        "(it changes the order of float reductions)")
     p.add_argument("--report-to", default="none", help="passed to Trainer: none, tensorboard, ...")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="argument for a built-in dataset builder, e.g. num_samples=600 (JSON values)")
@@ -66,6 +71,13 @@ def parse_key_values(pairs, option: str = "--dataset-arg") -> dict:
 
 def run(args) -> int:
     from ..experiment import RunSettings, run_training
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1; got {args.threads}.")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     settings = RunSettings(
         dataset=args.dataset, method=args.method, output_dir=args.output_dir, towers=args.towers,

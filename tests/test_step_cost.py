@@ -1,0 +1,82 @@
+"""What keeps a training step cheap (issue 11 item 4): loss terms logged without a host read per term per step,
+`dmil train --threads`, and `dmil profile --train-step`."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import dmil_hf.experiment
+from dmil_hf import DmilConfig
+from dmil_hf.cli import main
+from dmil_hf.profiling import profile_train_step
+from dmil_hf.training import DmilTrainer
+
+
+class TermsModel(torch.nn.Module):
+    """Returns the loss terms it is handed, as DMIL's outputs carry them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.terms = []
+
+    def forward(self, **inputs):
+        terms = self.terms.pop(0)
+        return SimpleNamespace(loss=self.weight * sum(terms.values()), loss_terms=terms)
+
+
+def test_loss_terms_are_averaged_per_window_without_reading_each_term(tmp_path, monkeypatch):
+    model = TermsModel()
+    trainer = DmilTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to="none"))
+    model.terms = [{"kl": torch.tensor(1.0), "task": torch.tensor(4.0)},
+                   {"kl": torch.tensor(3.0), "task": torch.tensor(2.0)}]
+
+    def refuse(*args):
+        raise AssertionError("a loss term was read back to the host during a step")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__float__", refuse)
+    for _ in range(2):
+        trainer.compute_loss(model, {})
+    monkeypatch.undo()
+    logged = {}
+    monkeypatch.setattr("transformers.Trainer.log", lambda self, logs, *a, **k: logged.update(logs))
+    trainer.log({"loss": 5.0})
+    assert logged == {"loss": 5.0, "loss_kl": 2.0, "loss_task": 3.0}
+    model.terms = [{"kl": torch.tensor(7.0)}]  # the next window starts from zero
+    trainer.compute_loss(model, {})
+    logged.clear()
+    trainer.log({"loss": 7.0})
+    assert logged["loss_kl"] == 7.0 and "loss_task" not in logged
+
+
+def test_train_threads_sets_torch_threads_for_the_run(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(dmil_hf.experiment, "run_training", lambda settings: seen.setdefault("threads", torch.get_num_threads()) and {})
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--dataset", "synthetic", "--output-dir", str(tmp_path / "run"), "--threads", "1"]) == 0
+        assert seen["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["train", "--dataset", "synthetic", "--output-dir", str(tmp_path / "run"), "--threads", "0"]) != 0
+
+
+def test_profile_train_step_times_each_method_on_the_same_batch():
+    result = profile_train_step(DmilConfig(feature_modalities={"a": 6, "b": 5}, num_labels=3), ("joint", "dmil"),
+                                batch_size=8, steps=3)
+    assert set(result["step_ms"]) == {"joint", "dmil"} and all(ms > 0 for ms in result["step_ms"].values())
+    assert result["ratio_to_joint"]["joint"] == 1.0
+    assert result["ratio_to_joint"]["dmil"] == pytest.approx(result["step_ms"]["dmil"] / result["step_ms"]["joint"])
+
+
+def test_profile_cli_train_step_writes_json(tmp_path):
+    out = tmp_path / "steps.json"
+    assert main(["profile", "--train-step", "--feature-modalities", "2", "--batch-size", "8", "--repeats", "2",
+                 "--threads", "1", "--output", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["towers"] == "features" and result["modalities"] == ["a", "b"]
+    assert set(result["step_ms"]) == {"joint", "dmil"} and result["threads"] == 1
