@@ -308,6 +308,13 @@ def test_cli_train_then_evaluate_user_dataset(tmp_path):
                  str(tmp_path / "eval.json")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())["test"]
     assert report["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    # Model selection: the validation split, with its degraded copies.
+    assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "data"), "--split", "validation",
+                 "--degraded", "--output", str(tmp_path / "eval_val.json")]) == 0
+    report = json.loads((tmp_path / "eval_val.json").read_text())["test"]
+    assert report["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
+    assert set(report["degraded"]) == {f"{mode}_{m}" for mode in ("noise", "missing") for m in ("alpha", "beta")}
+    assert all(0.0 <= v <= 1.0 for v in report["degraded"].values())
 
 
 def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path, capsys):

@@ -11,7 +11,9 @@ def add_parser(subparsers):
     p = subparsers.add_parser("evaluate", help="evaluate a saved model on a dataset split")
     p.add_argument("--model", required=True, help="folder written by dmil train / save_pretrained")
     p.add_argument("--dataset", required=True, help="built-in name or a save_to_disk folder")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="split to evaluate (validation for model selection)")
+    p.add_argument("--degraded", action="store_true",
+                   help="also evaluate copies of the split with each modality replaced by noise, or missing")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE")
@@ -51,6 +53,13 @@ def run(args) -> int:
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
+    if args.degraded:
+        from ..data import degraded_test_sets
+
+        copies = degraded_test_sets(dsd, split=args.split)
+        report["degraded"] = {name: evaluate_model(model, processor, copy, shared)[0]["accuracy"]
+                              for name, copy in copies.items()
+                              if name.split("_", 1)[1] in shared and (len(shared) > 1 or name.startswith("noise_"))}
     result = {"test": report, "modalities_used": shared}
     if absent:
         result["modalities_absent"] = absent
