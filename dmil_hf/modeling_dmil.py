@@ -233,6 +233,13 @@ class DmilGaussianBottleneck(nn.Module):
         return sample, mean, logvar
 
 
+def _stack_modalities(values: list, mask) -> torch.Tensor:
+    """`(B, M, width)` from one `(B, width)` tensor per modality (None where absent), zero where `mask` is False."""
+    reference = next(v for v in values if v is not None)
+    stacked = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in values], 1)
+    return stacked * mask.unsqueeze(-1).to(stacked.dtype)
+
+
 def _mlp(input_size: int, hidden_size: int, output_size: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, output_size))
 
@@ -637,9 +644,7 @@ class DmilEncoders(nn.Module):
                     attentions[modality] = getattr(outputs, "attentions", None) or ()
             embeds.append(self.dropout(projection(pooled)))
             pooled_outputs[modality] = pooled
-        reference = next(e for e in embeds if e is not None)
-        embeds = torch.stack([e if e is not None else reference.new_zeros(reference.shape) for e in embeds], dim=1)
-        embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        embeds = _stack_modalities(embeds, mask)
         out = (embeds, mask, hidden_states if output_hidden_states else None,
                attentions if output_attentions else None)
         return out + (pooled_outputs,) if return_pooled else out
@@ -850,9 +855,7 @@ class DmilModel(DmilPreTrainedModel):
             if scale != 1.0:
                 tower = tower.detach() if scale == 0.0 else tower * scale + tower.detach() * (1.0 - scale)
             views.append(self.encoders.dropout(self.synergy_projections[m](tower)))
-        reference = next(v for v in views if v is not None)
-        views = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in views], 1)
-        return views * mask.unsqueeze(-1).to(views.dtype)
+        return _stack_modalities(views, mask)
 
     def level1_modules(self):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]

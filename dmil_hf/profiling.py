@@ -10,19 +10,21 @@ import time
 import torch
 
 
+def _elapsed(fn, device) -> float:
+    """Seconds one `fn()` takes (on a GPU, until its kernels have finished)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _timed(fn, repeats: int, device) -> float:
     """Median seconds of `fn()` over `repeats` runs after two warm-up runs."""
-    times = []
-    for i in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [_elapsed(fn, device) for _ in range(repeats + 2)]
+    return statistics.median(times[2:])
 
 
 def random_inputs(config, batch_size: int, text_length: int = 32, generator=None) -> dict:
@@ -165,14 +167,9 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
     times = {method: [] for method in methods}
     for i in range(steps + 3):
         for method, step in step_fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            seconds = _elapsed(step, device)
             if i >= 3:
-                times[method].append(time.perf_counter() - start)
+                times[method].append(seconds)
     step_ms = {method: 1000 * statistics.median(t) for method, t in times.items()}
     first = methods[0]
     return {"device": str(device), "batch_size": batch_size, "steps": steps, "dmil_stage": stage,

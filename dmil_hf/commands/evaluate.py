@@ -53,13 +53,12 @@ def run(args) -> int:
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
-    if args.degraded:
-        from ..data import degraded_test_sets
+    if args.degraded:  # each shared modality noised, and dropped where another one remains
+        from ..data.degrade import MODES, degrade_split
 
-        copies = degraded_test_sets(dsd, split=args.split)
-        report["degraded"] = {name: evaluate_model(model, processor, copy, shared)[0]["accuracy"]
-                              for name, copy in copies.items()
-                              if name.split("_", 1)[1] in shared and (len(shared) > 1 or name.startswith("noise_"))}
+        report["degraded"] = {
+            f"{mode}_{m}": evaluate_model(model, processor, degrade_split(dsd[args.split], m, mode), shared)[0]["accuracy"]
+            for m in shared for mode in MODES if mode == "noise" or len(shared) > 1}
     result = {"test": report, "modalities_used": shared}
     if absent:
         result["modalities_absent"] = absent

@@ -80,13 +80,13 @@ def degrade_split(dataset: Dataset, modality: str, mode: str, seed: int = 0) -> 
                        with_indices=True, features=features, desc=f"noise_{modality}", load_from_cache_file=False)
 
 
-def degraded_test_sets(dsd: DatasetDict, seed: int = 0, split: str = "test") -> dict[str, Dataset]:
-    """`noise_<m>` and `missing_<m>` copies of the test split (or `split`) for every modality `m` of the dataset."""
+def degraded_test_sets(dsd: DatasetDict, seed: int = 0) -> dict[str, Dataset]:
+    """`noise_<m>` and `missing_<m>` copies of the test split for every modality `m` of the dataset."""
     schema = inspect_dataset(dsd)
     out = {}
     for modality in schema.modalities:
         for mode in MODES:
-            out[f"{mode}_{modality}"] = degrade_split(dsd[split], modality, mode, seed=seed)
+            out[f"{mode}_{modality}"] = degrade_split(dsd["test"], modality, mode, seed=seed)
     return out
 
 
