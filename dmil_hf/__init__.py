@@ -38,36 +38,35 @@ __all__ = [
 
 # The baselines (same towers and data path); each has its own model_type so the Auto classes rebuild the right one.
 from .baselines import (  # noqa: E402
-    METHOD_CLASSES,
     DmilEnsembleConfig,
     DmilEnsembleForMultimodalClassification,
     DmilI2moeConfig,
     DmilI2moeForMultimodalClassification,
     DmilJointConfig,
     DmilJointForMultimodalClassification,
-    build_model,
 )
+from .methods import METHODS, Method, build_model, get_method, register_method  # noqa: E402
 
-for _model_type, _config_class, _model_class in (
-    ("dmil_joint", DmilJointConfig, DmilJointForMultimodalClassification),
-    ("dmil_ensemble", DmilEnsembleConfig, DmilEnsembleForMultimodalClassification),
-    ("dmil_i2moe", DmilI2moeConfig, DmilI2moeForMultimodalClassification),
-):
-    AutoConfig.register(_model_type, _config_class, exist_ok=True)
-    AutoModelForSequenceClassification.register(_config_class, _model_class, exist_ok=True)
-    _config_class.register_for_auto_class()
-    _model_class.register_for_auto_class("AutoModelForSequenceClassification")
-del _model_type, _config_class, _model_class
+for _method in METHODS.values():
+    if _method.config_class is not DmilConfig:
+        AutoConfig.register(_method.model_type, _method.config_class, exist_ok=True)
+        AutoModelForSequenceClassification.register(_method.config_class, _method.model_class, exist_ok=True)
+        _method.config_class.register_for_auto_class()
+        _method.model_class.register_for_auto_class("AutoModelForSequenceClassification")
+del _method
 
 __all__ += [
-    "METHOD_CLASSES",
+    "METHODS",
     "DmilEnsembleConfig",
     "DmilEnsembleForMultimodalClassification",
     "DmilI2moeConfig",
     "DmilI2moeForMultimodalClassification",
     "DmilJointConfig",
     "DmilJointForMultimodalClassification",
+    "Method",
     "build_model",
+    "get_method",
+    "register_method",
 ]
 
 # The processor: AutoProcessor finds it locally, and save_pretrained writes its auto_map for trust_remote_code.

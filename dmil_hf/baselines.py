@@ -24,10 +24,6 @@ from .modeling_dmil import (
     problem_type,
 )
 
-# Keys of a saved config that describe where it came from, not what it is: dropped when converting between methods.
-_PROVENANCE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
-
-
 # A config subclass needs its own `__init__`: transformers wraps subclasses without one in a dataclass `__init__`
 # that would bypass `DmilConfig.__init__` (and with it the sub-config parsing). `model_type` is a class attribute;
 # a saved dict passes it back as a keyword, which must not shadow the class's value.
@@ -85,15 +81,16 @@ class _DmilBaselineModel(DmilPreTrainedModel):
     _check_labels = DmilForMultimodalClassification._check_labels
     _task_loss = DmilForMultimodalClassification._task_loss
 
-    def __init__(self, config: DmilConfig):
+    def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
         if config.problem_type == "multi_label_classification":
             raise ValueError(
                 "problem_type 'multi_label_classification' is not supported; use single-label or regression.")
         self.num_labels = config.num_labels
         # Top-level `encoders` (no `dmil` attribute): `model.base_model` is the model itself, so
-        # `model.base_model.encoders.towers[m] = tower` swaps in a pretrained tower as it does for DMIL.
-        self.encoders = DmilEncoders(config)
+        # `model.base_model.encoders` reaches the towers as it does for DMIL. `towers`: already built towers by
+        # modality (see [`DmilEncoders`]), e.g. pretrained ones.
+        self.encoders = DmilEncoders(config, towers)
 
     def _encode(self, inputs, labels, modality_mask, return_dict, output_hidden_states, output_attentions):
         """Label checks and the towers, with the output options resolved against the config."""
@@ -127,8 +124,8 @@ class DmilJointForMultimodalClassification(_DmilBaselineModel):
 
     config_class = DmilJointConfig
 
-    def __init__(self, config: DmilJointConfig):
-        super().__init__(config)
+    def __init__(self, config: DmilJointConfig, towers: dict[str, nn.Module] | None = None):
+        super().__init__(config, towers)
         num = len(config.modalities)
         self.classifier = _classifier(num * config.hidden_size, config.hidden_size, config.num_labels, config.dropout)
         self.post_init()
@@ -164,15 +161,13 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
     the present modalities' predictions).
 
     Gradient clipping by the global norm would couple the unimodal models (one model's large gradient would shrink
-    the others' steps): clip per model or not at all. `max_grad_norm_override = 0.0` tells `dmil_hf.training` to
-    turn Trainer's clipping off for this model.
+    the others' steps): its entry in `dmil_hf.methods` turns Trainer's clipping off (`max_grad_norm=0`).
     """
 
     config_class = DmilEnsembleConfig
-    max_grad_norm_override = 0.0
 
-    def __init__(self, config: DmilEnsembleConfig):
-        super().__init__(config)
+    def __init__(self, config: DmilEnsembleConfig, towers: dict[str, nn.Module] | None = None):
+        super().__init__(config, towers)
         hidden = config.hidden_size
         self.unimodal_heads = nn.ModuleDict(
             {m: _classifier(hidden, hidden, config.num_labels, config.dropout) for m in config.modalities})
@@ -237,8 +232,8 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
 
     config_class = DmilI2moeConfig
 
-    def __init__(self, config: DmilI2moeConfig):
-        super().__init__(config)
+    def __init__(self, config: DmilI2moeConfig, towers: dict[str, nn.Module] | None = None):
+        super().__init__(config, towers)
         num, hidden = len(config.modalities), config.hidden_size
         names = config.component_names
         self.experts = nn.ModuleList([_classifier(num * hidden, hidden, hidden, config.dropout) for _ in names])
@@ -319,45 +314,11 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
         return terms
 
 
-METHOD_CLASSES = {
-    "dmil": (DmilConfig, DmilForMultimodalClassification),
-    "joint": (DmilJointConfig, DmilJointForMultimodalClassification),
-    "ensemble": (DmilEnsembleConfig, DmilEnsembleForMultimodalClassification),
-    "i2moe": (DmilI2moeConfig, DmilI2moeForMultimodalClassification),
-}
-
-
-def build_model(method: str, config: DmilConfig) -> DmilPreTrainedModel:
-    """
-    A freshly initialised model of `method` (`"dmil"`, `"joint"`, `"ensemble"` or `"i2moe"`) with the towers,
-    sizes and labels of `config` (any [`DmilConfig`]; it is converted to the method's config class).
-
-    Example:
-    ```python
-    >>> model = build_model("i2moe", DmilConfig(feature_modalities={"a": 3, "b": 4}, num_labels=2))
-    >>> type(model).__name__, model.config.model_type
-    ('DmilI2moeForMultimodalClassification', 'dmil_i2moe')
-    ```
-    """
-    if method not in METHOD_CLASSES:
-        raise ValueError(f"method {method!r} is unknown; expected one of {list(METHOD_CLASSES)}.")
-    if not isinstance(config, DmilConfig):
-        raise TypeError(f"config must be a DmilConfig; got {type(config).__name__}.")
-    config_class, model_class = METHOD_CLASSES[method]
-    if type(config) is not config_class:
-        values = {k: v for k, v in config.to_dict().items() if k not in _PROVENANCE_KEYS}
-        # from_dict, not the constructor: the other method's own fields (e.g. i2moe_*) are carried, not refused.
-        config = config_class.from_dict(values)
-    return model_class(config)
-
-
 __all__ = [
-    "METHOD_CLASSES",
     "DmilEnsembleConfig",
     "DmilEnsembleForMultimodalClassification",
     "DmilI2moeConfig",
     "DmilI2moeForMultimodalClassification",
     "DmilJointConfig",
     "DmilJointForMultimodalClassification",
-    "build_model",
 ]

@@ -150,8 +150,9 @@ class DmilConfig(PretrainedConfig):
             Letting its gradient reach the towers in stage 1 (joint learning's signal from the first step) did as well
             on `synthetic` but lowered `digits` to 67.0, so the warm-up is detached.
         stage1_epochs / stage2_epochs / stage3_epochs, stage1_learning_rate / ...: the schedule presets used by
-            `dmil_hf.training` (4 / 4 / 16 epochs at 2e-3, AdamW). Stage 3 is the longest: it trains the towers
-            with every loss at once (the unimodal ones included), which synergy needs; stage 2 has them frozen.
+            `dmil_hf.training` (4 / 4 / 16 epochs at 2e-3, with `TrainingArguments`' optimizer, AdamW); read them
+            as objects through `stages` / `scheduled_stages`. Stage 3 is the longest: it trains the towers with every
+            loss at once (the unimodal ones included), which synergy needs; stage 2 has them frozen.
         training_stage (`int`, defaults to 3): the stage the forward pass computes losses for; stage 1 predicts
             with the mean of the unimodal heads, stages 2 and 3 with the gated components.
         check_input_values (`bool`, *optional*): the value checks of `forward` (finite inputs of sane magnitude,
@@ -216,7 +217,6 @@ class DmilConfig(PretrainedConfig):
         stage1_learning_rate: float = 2e-3,
         stage2_learning_rate: float = 2e-3,
         stage3_learning_rate: float = 2e-3,
-        optimizer: str = "adamw_torch",
         training_stage: int = 3,
         check_input_values: bool | None = None,
         freeze_towers: bool | list[str] = False,
@@ -288,7 +288,6 @@ class DmilConfig(PretrainedConfig):
         self.stage1_learning_rate = stage1_learning_rate
         self.stage2_learning_rate = stage2_learning_rate
         self.stage3_learning_rate = stage3_learning_rate
-        self.optimizer = optimizer
         self.training_stage = int(training_stage)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
@@ -398,10 +397,30 @@ class DmilConfig(PretrainedConfig):
     def modality_weights(self, field: str) -> dict[str, float]:
         return _per_modality(getattr(self, field), self.modalities, field)
 
-    @classmethod
-    def from_tower_configs(cls, text_config=None, vision_config=None, audio_config=None, **kwargs) -> "DmilConfig":
-        """Build a DMIL config from tower config objects (the composite-config factory)."""
-        return cls(text_config=text_config, vision_config=vision_config, audio_config=audio_config, **kwargs)
+    @property
+    def stages(self) -> tuple["DmilStage", ...]:
+        """The three stages of the schedule with their presets (`stage<k>_epochs`, `stage<k>_learning_rate`)."""
+        return tuple(DmilStage(k, getattr(self, f"stage{k}_epochs"), getattr(self, f"stage{k}_learning_rate"))
+                     for k in (1, 2, 3))
+
+    @property
+    def scheduled_stages(self) -> tuple["DmilStage", ...]:
+        """The stages `dmil_hf.training` runs: those with epochs > 0 (0 skips a stage)."""
+        return tuple(stage for stage in self.stages if stage.epochs > 0)
 
 
-__all__ = ["DmilConfig", "TOWER_MODALITIES", "TOWER_INPUTS"]
+@dataclasses.dataclass(frozen=True)
+class DmilStage:
+    """One stage of DMIL's schedule: its number (1-3), epochs and learning rate. What it trains and its loss are
+    defined with the model (`DmilForMultimodalClassification.stage_parameter_groups`, `STAGE_LOSSES`)."""
+
+    index: int
+    epochs: float
+    learning_rate: float
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.index}"
+
+
+__all__ = ["DmilConfig", "DmilStage", "TOWER_MODALITIES", "TOWER_INPUTS"]

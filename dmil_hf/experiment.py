@@ -354,7 +354,7 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
     from transformers import AutoModel
 
     from . import DmilConfig
-    from .baselines import build_model
+    from .methods import build_model
     from .pretrained import resolve_pretrained
 
     configs, kwargs = build_config(settings, schema, dsd, processor)
@@ -362,17 +362,9 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
     for modality, source in settings.pretrained.items():
         tower = AutoModel.from_pretrained(resolve_pretrained(source))
         towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
-        if settings.tower_pooling != "auto" and getattr(towers[modality], "pooler", None) is not None:
-            # As `build_tower` does: only "auto" pooling reads the pooler. Dropped here, so the saved checkpoint holds
-            # what `from_pretrained` rebuilds (no unexpected pooler weights) and DDP sees no unused parameters.
-            towers[modality].pooler = None
         configs[f"{modality}_config"] = towers[modality].config
     torch.manual_seed(settings.seed)
-    model = build_model(settings.method, DmilConfig(**configs, **kwargs))
-    for modality, tower in towers.items():
-        model.base_model.encoders.towers[modality] = tower
-    model.base_model.encoders.apply_freezing()
-    return model
+    return build_model(settings.method, DmilConfig(**configs, **kwargs), towers)
 
 
 def predict(model, encoded, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -427,7 +419,12 @@ def evaluate_model(model, processor, split, modalities=None) -> tuple[dict, dict
 
     modalities = modalities or model.config.modalities
     present = [m for m in modalities if m in model.config.modalities]
-    encoded = encode_split(split, processor, present)
+    return evaluate_encoded(model, encode_split(split, processor, present), split)
+
+
+def evaluate_encoded(model, encoded, split) -> tuple[dict, dict]:
+    """Evaluate a model on `encoded`, the encoding of the raw `split` (which gives the labels and interaction
+    types); returns (report, predictions)."""
     predictions = predict(model, encoded)
     labels = np.asarray(split["labels"])
     interactions = split["interaction"] if "interaction" in split.column_names else None
@@ -451,7 +448,7 @@ def run_training(settings: RunSettings) -> dict:
     from .data import inspect_dataset, load_dataset_from_name_or_path
     from .interactions import make_compute_metrics
     from .preprocess import build_processor, encode_dataset
-    from .training import apply_lora, merge_lora, save_lora_adapters, train_staged
+    from .training import apply_lora, merge_lora, push_trained_model, save_lora_adapters, train_staged
 
     check_settings(settings)
     output_dir = Path(settings.output_dir)
@@ -492,7 +489,7 @@ def run_training(settings: RunSettings) -> dict:
         write_run_marker(output_dir, settings, data, status="running", sessions=sessions, train_seconds_saved=before)
     state.wait_for_everyone()
     # Baselines train as long as DMIL's three stages together, unless told otherwise.
-    total_epochs = sum(getattr(model.config, f"stage{k}_epochs") for k in (1, 2, 3))
+    total_epochs = sum(stage.epochs for stage in model.config.stages)
     args = TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,
@@ -509,6 +506,9 @@ def run_training(settings: RunSettings) -> dict:
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
+        # Where the finished run goes (`push_trained_model` below); the stages themselves never push.
+        hub_model_id=settings.hub_model_id,
+        hub_private_repo=settings.hub_private,
     )
     validation_interactions = dsd["validation"]["interaction"] if schema.has_interaction else None
     regression = model.config.problem_type == "regression"
@@ -529,8 +529,8 @@ def run_training(settings: RunSettings) -> dict:
     if processor is not None:
         processor.save_pretrained(output_dir)
     metrics = {"method": settings.method, "dataset": settings.dataset, "seed": settings.seed}
-    metrics["validation"], _ = evaluate_model(model, processor, dsd["validation"])
-    metrics["test"], predictions = evaluate_model(model, processor, dsd["test"])
+    metrics["validation"], _ = evaluate_encoded(model, encoded["validation"], dsd["validation"])
+    metrics["test"], predictions = evaluate_encoded(model, encoded["test"], dsd["test"])
     # train_seconds: all sessions of this run (an interrupted one counted up to its last saved checkpoint);
     # train_seconds_this_session: only the last one (after --resume, the resumed part).
     metrics["train_seconds"] = before + session_seconds
@@ -556,11 +556,9 @@ def run_training(settings: RunSettings) -> dict:
     # The per-epoch checkpoints only serve --resume; a finished run keeps its final model, not them.
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     if settings.push_to_hub:
-        from .hub import push_model
-
-        metrics["hub_commit_url"] = push_model(output_dir, settings.hub_model_id, private=settings.hub_private)
+        metrics["hub_commit_url"] = push_trained_model(output_dir, args)
     return metrics
 
 
 __all__ = ["METHODS", "RUN_MARKER", "RunSettings", "check_label_coverage", "check_output_dir",
-           "check_settings", "evaluate_model", "interaction_profile", "predict", "run_training", "test_report"]
+           "check_settings", "evaluate_encoded", "evaluate_model", "interaction_profile", "predict", "run_training", "test_report"]

@@ -405,7 +405,7 @@ def _training_context(config, metrics: dict | None) -> dict:
                   f"interaction-loss weight {config.i2moe_interaction_weight:g}"]
     dmil = config.model_type == "dmil"
     return {"stages": _stage_rows(config) if dmil else [], "loss_weights": _loss_weights(config) if dmil else [],
-            "optimizer": config.optimizer, "method_settings": "" if dmil else ", ".join(parts),
+            "optimizer": "AdamW", "method_settings": "" if dmil else ", ".join(parts),
             "run_settings": run_settings}
 
 

@@ -346,12 +346,17 @@ class DmilEncoders(nn.Module):
     computed beforehand (what [`DmilEncoders.pooled_output`] returns): the tower is then skipped and only its
     projection runs (so that modality has no `hidden_states` / `attentions` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
     off, and run without building a graph.
+
+    `towers` (modality -> module, optional) are already-built towers to use instead of random ones (as
+    `VisionTextDualEncoderModel` takes its encoders): e.g. pretrained models, whose weights stay as they are. Each
+    must be a tower modality of `config`, whose `<modality>_config` describes it.
     """
 
-    def __init__(self, config: DmilConfig):
+    def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__()
         self.config = config
         self.modalities = config.modalities
+        towers = self._check_given_towers(config, towers or {})
         self.towers = nn.ModuleDict()
         widths = {}
         for modality in self.modalities:
@@ -361,7 +366,8 @@ class DmilEncoders(nn.Module):
                 widths[modality] = config.feature_hidden_size
             else:
                 # Only "auto" pooling reads a tower's pooler; otherwise it would be dead weight (and unused in DDP).
-                self.towers[modality] = build_tower(sub_config, with_pooler=config.tower_pooling == "auto")
+                self.towers[modality] = towers[modality] if modality in towers else build_tower(
+                    sub_config, with_pooler=config.tower_pooling == "auto")
                 widths[modality] = tower_width(sub_config)
         # transformers gathers these from a model's direct children only: lift them from the nested towers, so
         # device_map="auto" and FSDP's auto-wrap policy know which tower blocks must stay whole. Only classes that
@@ -378,6 +384,30 @@ class DmilEncoders(nn.Module):
         })
         self.dropout = nn.Dropout(config.dropout)
         self.apply_freezing()
+
+    @staticmethod
+    def _check_given_towers(config: DmilConfig, towers: dict) -> dict:
+        """Refuse towers the config has no tower slot for; prepare the others: the encoder of an encoder-decoder,
+        no pooler unless `tower_pooling="auto"` reads it (as `build_tower` does, so that a saved checkpoint holds what
+        `from_pretrained` rebuilds and DDP sees no unused parameters), and marked initialised, so the model's
+        `post_init` leaves their weights alone."""
+        prepared = {}
+        for modality, tower in towers.items():
+            if config.tower_config(modality) is None:
+                raise ValueError(f"a tower was given for {modality!r}, but the config has no {modality}_config (its "
+                                 f"tower modalities are {[m for m in config.modalities if config.tower_config(m)]}); "
+                                 f"build the config with {modality}_config=tower.config.")
+            if not isinstance(tower, nn.Module):
+                raise TypeError(f"the {modality} tower must be a torch.nn.Module (e.g. a PreTrainedModel); got "
+                                f"{type(tower).__name__}.")
+            if getattr(getattr(tower, "config", None), "is_encoder_decoder", False):
+                tower = tower.get_encoder()
+            if config.tower_pooling != "auto" and getattr(tower, "pooler", None) is not None:
+                tower.pooler = None
+            for module in tower.modules():
+                module._is_hf_initialized = True
+            prepared[modality] = tower
+        return prepared
 
     # --- frozen towers -----------------------------------------------------------------------------------------
     @property
@@ -799,10 +829,7 @@ class DmilPreTrainedModel(PreTrainedModel):
             towers[modality] = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
         config = DmilConfig(**{f"{m}_config": t.config for m, t in towers.items()},
                             feature_modalities=feature_modalities, **config_kwargs)
-        model = cls(config)
-        for modality, tower in towers.items():
-            model.base_model.encoders.towers[modality] = tower
-        model.base_model.encoders.apply_freezing()
+        model = cls(config, towers=towers)
         new = [n for n, _ in model.named_parameters() if ".towers." not in f".{n}" or
                any(f"towers.{m}." in n for m in config.feature_modalities)]
         logger.info(f"Newly initialised DMIL weights (train them): {len(new)} tensors, e.g. {new[:5]}")
@@ -810,13 +837,14 @@ class DmilPreTrainedModel(PreTrainedModel):
 
 
 class DmilModel(DmilPreTrainedModel):
-    """Towers plus the two-level decomposition; returns the component embeddings of every sample."""
+    """Towers plus the two-level decomposition; returns the component embeddings of every sample. `towers`: already
+    built towers by modality (see [`DmilEncoders`]), e.g. pretrained ones; the others are built from `config`."""
 
-    def __init__(self, config: DmilConfig):
+    def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
         modalities, hidden, latent = config.modalities, config.hidden_size, config.latent_size
         num = len(modalities)
-        self.encoders = DmilEncoders(config)
+        self.encoders = DmilEncoders(config, towers)
         # Level 1: task-relevant / task-irrelevant latents inside each modality.
         self.relevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
         self.irrelevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
@@ -987,10 +1015,119 @@ class DmilModel(DmilPreTrainedModel):
         )
 
 
+# --- the stage losses, written once ---------------------------------------------------------------------------
+# Each stage's loss is an expression over the named loss terms of `DmilForMultimodalClassification.classify`:
+# `_stage_loss` evaluates it (in exactly this order of float operations) and `describe_loss` writes it out for the
+# model card. Nodes: a term name; `_PerModality` (Σ over modalities of one or more per-modality terms, each with an
+# optional per-modality weight field); `_PerComponent` (Σ over the components); `_Sum` (left to right); `_Scaled`
+# (the product of config fields, times an expression).
+
+
+@dataclass(frozen=True)
+class _PerModality:
+    parts: tuple  # ((term template with {}, weight field or None), ...)
+
+
+@dataclass(frozen=True)
+class _PerComponent:
+    template: str
+
+
+@dataclass(frozen=True)
+class _Sum:
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    fields: tuple  # config fields multiplied left to right
+    part: object
+
+
+# How the card writes each term (`{}`: a modality or component name).
+_TERM_LABELS = {"task_gated": "CE(gated)", "gate_synergy": "gate weight(synergy)",
+                "task_component_synergy": "CE(synergy head)", "kl_redundancy": "KL(redundancy)",
+                "readout_{}": "CE(readout head)", "task_unimodal_{}": "CE(unimodal head)",
+                "kl_level1_{}": "KL(level 1)", "reconstruction_{}": "reconstruction",
+                "kl_alignment_{}": "KL(alignment)", "kl_unique_{}": "KL(unique)",
+                "reconstruction_relevant_{}": "rebuild(task-relevant)", "task_component_{}": "CE(component head)"}
+_READOUT = _PerModality((("readout_{}", None),))
+_UNIMODAL = _PerModality((("task_unimodal_{}", None),))
+_PARSIMONY = _Scaled(("synergy_gate_penalty",), "gate_synergy")
+_LEVEL2_KL = _Sum(("kl_redundancy", _PerModality((("kl_alignment_{}", None), ("kl_unique_{}", None)))))
+_REBUILD_RELEVANT = _PerModality((("reconstruction_relevant_{}", None),))
+_COMPONENTS = _PerComponent("task_component_{}")
+STAGE_LOSSES = {
+    1: _Sum((_READOUT, _UNIMODAL,
+             _Scaled(("lamb",), _PerModality((("kl_level1_{}", "level1_kl_weights"),
+                                              ("reconstruction_{}", "level1_reconstruction_weights")))),
+             _Scaled(("stage1_synergy_weight",), "task_component_synergy"))),
+    2: _Sum((_READOUT, _PARSIMONY, "task_gated",
+             _Scaled(("lamb",), _Sum((_LEVEL2_KL, _Scaled(("stage2_reconstruction_weight",), _REBUILD_RELEVANT)))),
+             _Scaled(("stage2_component_weight",), _COMPONENTS))),
+    3: _Sum((_READOUT, _PARSIMONY, "task_gated", _Scaled(("stage3_unimodal_weight",), _UNIMODAL),
+             _Scaled(("lamb",), _PerModality((("kl_level1_{}", "level1_kl_weights"),))),
+             _Scaled(("stage3_reconstruction_weight",), _Sum((_PerModality((("reconstruction_{}", None),)),
+                                                              _REBUILD_RELEVANT))),
+             _Scaled(("lamb", "stage3_level2_scale"), _LEVEL2_KL),
+             _Scaled(("stage3_component_weight",), _COMPONENTS))),
+}
+
+
+def _coefficient(config, fields) -> float:
+    value = getattr(config, fields[0])
+    for field in fields[1:]:
+        value = value * getattr(config, field)
+    return value
+
+
+def evaluate_loss(expression, terms: dict, config):
+    """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms`."""
+    if isinstance(expression, str):
+        return terms[expression]
+    if isinstance(expression, _PerModality):
+        weights = {field: config.modality_weights(field) for _, field in expression.parts if field is not None}
+
+        def part(template, field, m):
+            value = terms[template.format(m)]
+            return value if field is None else weights[field][m] * value
+
+        return sum(functools.reduce(lambda a, b: a + b, [part(t, f, m) for t, f in expression.parts])
+                   for m in config.modalities)
+    if isinstance(expression, _PerComponent):
+        return sum(terms[expression.template.format(name)] for name in config.component_names)
+    if isinstance(expression, _Sum):
+        return functools.reduce(lambda a, b: a + b, [evaluate_loss(p, terms, config) for p in expression.parts])
+    return _coefficient(config, expression.fields) * evaluate_loss(expression.part, terms, config)
+
+
+def describe_loss(expression, config) -> str:
+    """A stage-loss expression written out with `config`'s weights (terms weighted 0 are left out; `w_m`: a
+    per-modality weight, `Σ_m` / `Σ_k`: over the modalities / components)."""
+    def text(node, top=False):
+        if isinstance(node, str):
+            return _TERM_LABELS.get(node, node)
+        if isinstance(node, _PerModality):
+            parts = [("w_m·" if field else "") + _TERM_LABELS[template] for template, field in node.parts]
+            return f"Σ_m {parts[0]}" if len(parts) == 1 else f"Σ_m ({' + '.join(parts)})"
+        if isinstance(node, _PerComponent):
+            return f"Σ_k {_TERM_LABELS[node.template]}"
+        if isinstance(node, _Sum):
+            parts = [t for t in (text(p) for p in node.parts) if t]
+            return " + ".join(parts) if top or len(parts) == 1 else f"({' + '.join(parts)})"
+        coefficient = _coefficient(config, node.fields)
+        return f"{coefficient:g}·{text(node.part)}" if coefficient else ""
+
+    return text(expression, top=True)
+
+
+
 class DmilForMultimodalClassification(DmilPreTrainedModel):
     r"""
     DMIL with component heads, unimodal heads and the per-sample gate. The loss depends on
-    `config.training_stage` (see DESIGN §3); `set_training_stage` also freezes what that stage keeps fixed.
+    `config.training_stage` (the stage losses are `STAGE_LOSSES`); `set_training_stage` also freezes what that stage
+    keeps fixed (`stage_parameter_groups`). `towers`: already built towers by modality (see [`DmilEncoders`]), e.g.
+    pretrained ones; the others are built from `config`.
 
     Example:
     ```python
@@ -1005,13 +1142,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
     ```
     """
 
-    def __init__(self, config: DmilConfig):
+    def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
         if config.problem_type == "multi_label_classification":
             raise ValueError("problem_type 'multi_label_classification' is not supported; use single-label or regression.")
         self.num_labels = config.num_labels
         latent, modalities = config.latent_size, config.modalities
-        self.dmil = DmilModel(config)
+        self.dmil = DmilModel(config, towers)
         self.unimodal_heads = nn.ModuleDict({m: nn.Linear(latent, config.num_labels) for m in modalities})
         self.component_heads = nn.ModuleList([nn.Linear(latent, config.num_labels) for _ in config.component_names])
         num_components = len(config.component_names)
@@ -1025,13 +1162,28 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         self.post_init()
 
     # --- the staged schedule -------------------------------------------------------------------------------
+    # What each parameter group of `stage_modules` holds, in words (the model card's "trains" column).
+    stage_group_descriptions = {
+        "level1": "towers and projections, level 1 (task-relevant / -irrelevant latents), unimodal heads",
+        "level2": "level 2 (redundancy, uniqueness), their component heads, the gate",
+        "synergy": "the synergy component and its head",
+        "readout": "the readout's modality heads (on detached embeddings)",
+    }
+
     def stage_modules(self) -> dict[str, list[nn.Module]]:
-        """Parameter groups of the schedule: stage 1 trains `level1`, stage 2 `level2`, stage 3 both; the readout's
-        modality heads (`readout`) train in every stage."""
+        """Parameter groups of the schedule (see `stage_parameter_groups` for which stage trains which)."""
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
                 "level2": self.dmil.level2_modules() + list(self.component_heads[:-1]) + [self.gate],
                 "synergy": self.dmil.synergy_modules() + [self.component_heads[-1]],
                 "readout": [self.modality_heads]}
+
+    @staticmethod
+    def stage_parameter_groups(config: DmilConfig, stage: int) -> tuple[str, ...]:
+        """The groups of `stage_modules` that `stage` trains: stage 1 `level1` (and `synergy`, warming up on
+        detached inputs, when `stage1_synergy_weight` > 0), stage 2 `level2` and `synergy`, stage 3 all; the
+        readout's modality heads (`readout`) train in every stage."""
+        return {1: ("level1", "readout") + (("synergy",) if config.stage1_synergy_weight else ()),
+                2: ("level2", "synergy", "readout"), 3: ("level1", "level2", "synergy", "readout")}[stage]
 
     def set_training_stage(self, stage: int):
         """Switch the loss to `stage` and set `requires_grad` so only that stage's parameters train. Parameters that
@@ -1044,8 +1196,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         encoders = self.dmil.encoders
         frozen = self._frozen_before_staging | {id(p) for m in encoders.frozen_modalities
                                                 for p in encoders.towers[m].parameters()}
-        trainable = {1: ("level1", "readout") + (("synergy",) if self.config.stage1_synergy_weight else ()),
-                     2: ("level2", "synergy", "readout"), 3: ("level1", "level2", "synergy", "readout")}[stage]
+        trainable = self.stage_parameter_groups(self.config, stage)
         for group, modules in self.stage_modules().items():
             for module in modules:
                 for p in module.parameters():
@@ -1180,31 +1331,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         )
 
     def _stage_loss(self, terms, stage):
-        config = self.config
-        modalities = config.modalities
-        kl_w = config.modality_weights("level1_kl_weights")
-        rec_w = config.modality_weights("level1_reconstruction_weights")
-        unimodal = sum(terms[f"task_unimodal_{m}"] for m in modalities)
-        level1 = sum(kl_w[m] * terms[f"kl_level1_{m}"] + rec_w[m] * terms[f"reconstruction_{m}"] for m in modalities)
-        level2_kl = terms["kl_redundancy"] + sum(terms[f"kl_alignment_{m}"] + terms[f"kl_unique_{m}"] for m in modalities)
-        rebuild_relevant = sum(terms[f"reconstruction_relevant_{m}"] for m in modalities)
-        components = sum(terms[f"task_component_{n}"] for n in config.component_names)
-        # The readout's heads read detached embeddings, so this term trains them and nothing else.
-        readout = sum(terms[f"readout_{m}"] for m in modalities)
-        if stage == 1:
-            return (readout + unimodal + config.lamb * level1
-                    + config.stage1_synergy_weight * terms["task_component_synergy"])
-        # Parsimony: synergy sees every modality, so without a price the gate would route everything through it.
-        parsimony = config.synergy_gate_penalty * terms["gate_synergy"]
-        if stage == 2:
-            return (readout + parsimony + terms["task_gated"] + config.lamb * (level2_kl + config.stage2_reconstruction_weight * rebuild_relevant)
-                    + config.stage2_component_weight * components)
-        reconstruction = sum(terms[f"reconstruction_{m}"] for m in modalities) + rebuild_relevant
-        return (readout + parsimony + terms["task_gated"] + config.stage3_unimodal_weight * unimodal
-                + config.lamb * sum(kl_w[m] * terms[f"kl_level1_{m}"] for m in modalities)
-                + config.stage3_reconstruction_weight * reconstruction
-                + config.lamb * config.stage3_level2_scale * level2_kl
-                + config.stage3_component_weight * components)
+        # Parsimony (`synergy_gate_penalty`): synergy sees every modality, so without a price the gate would route
+        # everything through it. The readout's heads read detached embeddings, so their term trains them only.
+        return evaluate_loss(STAGE_LOSSES[stage], terms, self.config)
 
 
 __all__ = [
@@ -1216,5 +1345,8 @@ __all__ = [
     "DmilModel",
     "DmilModelOutput",
     "DmilPreTrainedModel",
+    "STAGE_LOSSES",
+    "describe_loss",
+    "evaluate_loss",
     "pointwise_interaction_weights",
 ]

@@ -49,8 +49,10 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
 
 
 def text_length(processor, dsd: DatasetDict) -> int:
-    """Pad every split to one length: the longest tokenised training text (capped), so batches stack."""
-    longest = max(len(ids) for ids in processor.tokenizer(list(dsd["train"]["text"]))["input_ids"])
+    """Pad every split to one length, so batches stack: the longest tokenised text of any split (capped), so that no
+    split is truncated where another is not (validation picks each stage's best checkpoint on full texts)."""
+    longest = max(len(ids) for split in dsd.values() if "text" in split.column_names
+                  for ids in processor.tokenizer(list(split["text"]))["input_ids"])
     return min(longest, MAX_TEXT_LENGTH, processor.tokenizer.model_max_length)
 
 
@@ -89,7 +91,8 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
 
 
 def encode_dataset(dsd: DatasetDict, processor, modalities) -> DatasetDict:
-    """`encode_split` for every split, with one text length for all."""
+    """`encode_split` for every split, with one text length for all (`text_length`). Encode a dataset once and
+    train, select and evaluate on these splits (`dmil_hf.experiment.evaluate_encoded`)."""
     length = text_length(processor, dsd) if processor is not None and getattr(processor, "tokenizer", None) else None
     return DatasetDict({name: encode_split(split, processor, modalities, length) for name, split in dsd.items()})
 

@@ -138,7 +138,7 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
     ['dmil', 'joint']
     ```
     """
-    from .baselines import build_model
+    from .methods import build_model, method_of
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
     for method in methods:
         torch.manual_seed(0)
         model = build_model(method, copy.deepcopy(config)).to(device)
-        if hasattr(model, "set_training_stage"):
+        if method_of(model).staged:
             model.set_training_stage(stage)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from .methods import method_of
+
 logger = logging.getLogger(__name__)
 
 # Attention projections LoRA adapts, by the names each family uses (transformers 5); the first pair present wins.
@@ -80,15 +82,13 @@ class DmilTrainer(Trainer):
 
 
 def stage_plan(model: PreTrainedModel, args: TrainingArguments) -> list[dict]:
-    """The stages to run: DMIL's three (epochs and learning rates from its config), or one for other models."""
-    config = model.config
-    if not hasattr(model, "set_training_stage"):
+    """The stages to run: a staged method's (DMIL's three, epochs and learning rates from its config's
+    `scheduled_stages`), or one for other models."""
+    method = method_of(model)
+    if method is None or not method.staged:
         return [{"stage": None, "name": "train", "epochs": args.num_train_epochs, "learning_rate": args.learning_rate}]
-    return [
-        {"stage": k, "name": f"stage{k}", "epochs": getattr(config, f"stage{k}_epochs"),
-         "learning_rate": getattr(config, f"stage{k}_learning_rate")}
-        for k in (1, 2, 3) if getattr(config, f"stage{k}_epochs") > 0
-    ]
+    return [{"stage": s.index, "name": s.name, "epochs": s.epochs, "learning_rate": s.learning_rate}
+            for s in model.config.scheduled_stages]
 
 
 def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_better: bool, metric: str):
@@ -106,9 +106,9 @@ def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_bet
         logging_dir=None,
         push_to_hub=False,  # stages never push their checkpoints; the finished model is pushed once, exported
     )
-    override_norm = getattr(model, "max_grad_norm_override", None)
-    if override_norm is not None:  # e.g. the ensemble: clipping jointly would couple independent models
-        overrides["max_grad_norm"] = override_norm
+    method = method_of(model)
+    if method is not None and method.max_grad_norm is not None:  # e.g. the ensemble: no joint clipping
+        overrides["max_grad_norm"] = method.max_grad_norm
     fields = {f.name for f in dataclasses.fields(args)}
     return dataclasses.replace(args, **{k: v for k, v in overrides.items() if k in fields})
 
@@ -266,23 +266,28 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             done.write_text(json.dumps(record, indent=2))
         records.append(record)
     if args.push_to_hub:
-        push_trained_model(model, args, processor)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            folder = Path(args.output_dir) / "final"
+            model.save_pretrained(folder)
+            if processor is not None:
+                processor.save_pretrained(folder)
+            push_trained_model(folder, args)
     return records
 
 
-def push_trained_model(model, args: TrainingArguments, processor=None) -> str | None:
-    """Save `model` (and `processor`) to `args.output_dir/final` and push it to `args.hub_model_id`; main process only.
-    Returns the commit URL (None on other processes)."""
+def push_trained_model(folder, args: TrainingArguments) -> str | None:
+    """Push the model saved in `folder` to `args.hub_model_id` with [`dmil_hf.hub.push_model`] (honouring
+    `hub_private_repo`, `hub_revision` and `hub_token`); main process only. The one way `dmil_hf` pushes a trained
+    model: `train_staged` (with `args.push_to_hub`) and `dmil train --push-to-hub` both call it. Returns the commit
+    URL (None on other processes)."""
     from accelerate import PartialState
 
     from .hub import push_model
 
     if not PartialState().is_main_process:
         return None
-    folder = Path(args.output_dir) / "final"
-    model.save_pretrained(folder)
-    if processor is not None:
-        processor.save_pretrained(folder)
     return push_model(folder, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
                       token=args.hub_token)
 

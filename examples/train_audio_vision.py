@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from dmil_hf import DmilConfig, DmilForMultimodalClassification
 from dmil_hf.data import inspect_dataset, make_digits
-from dmil_hf.experiment import evaluate_model, prepare_output_dir
+from dmil_hf.experiment import evaluate_encoded, prepare_output_dir
 from dmil_hf.interactions import make_compute_metrics
 from dmil_hf.preprocess import build_processor, encode_dataset
 from dmil_hf.towers import tower_configs, vision_tower_config
@@ -68,7 +68,7 @@ def main():
         return
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    report, _ = evaluate_model(model, processor, dsd["test"])
+    report, _ = evaluate_encoded(model, encoded["test"], dsd["test"])
     print(json.dumps({"best_validation": {s["stage"]: s["best_metric"] for s in stages}, "test": report}, indent=2))
     print(f"test accuracy: {report['accuracy']:.3f}; model saved to {output_dir}")
 

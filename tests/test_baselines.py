@@ -14,9 +14,8 @@ from transformers import AutoModelForSequenceClassification
 
 import dmil_hf
 from dmil_hf import (
-    METHOD_CLASSES,
+    METHODS,
     DmilConfig,
-    DmilEnsembleForMultimodalClassification,
     DmilI2moeConfig,
     DmilI2moeForMultimodalClassification,
     build_model,
@@ -136,7 +135,7 @@ def test_ensemble_with_a_modality_absent_uses_the_present_one_only():
 def test_ensemble_tower_gradients_ignore_the_other_modality():
     tester = ModelTester(("text", "vision"))
     model = build_model("ensemble", tester.config()).eval()  # eval: no dropout, so both runs are deterministic
-    assert DmilEnsembleForMultimodalClassification.max_grad_norm_override == 0.0
+    assert METHODS["ensemble"].max_grad_norm == 0.0
 
     def text_grads(inputs):
         model.zero_grad()
@@ -204,11 +203,11 @@ def test_i2moe_config_validates_and_round_trips(tmp_path):
 
 # --- build_model ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", list(METHOD_CLASSES))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_build_model_keeps_towers_and_settings(method):
     config = ModelTester(("text", "vision"), dropout=0.2, i2moe_temperature=1.7).config()
     model = build_model(method, config)
-    config_class, model_class = METHOD_CLASSES[method]
+    config_class, model_class = METHODS[method].config_class, METHODS[method].model_class
     assert type(model) is model_class and type(model.config) is config_class
     assert model.config.model_type == config_class.model_type
     assert model.config.modalities == ("text", "vision") and model.config.num_labels == 3

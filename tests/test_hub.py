@@ -113,9 +113,9 @@ def test_card_without_run_files_and_with_pretrained_tower(tmp_path):
 
 @pytest.mark.parametrize("method", ["joint", "ensemble", "i2moe"])
 def test_card_for_baselines(tmp_path, method):
-    from dmil_hf import METHOD_CLASSES
+    from dmil_hf import METHODS
 
-    config_class = METHOD_CLASSES[method][0]
+    config_class = METHODS[method].config_class
     config_class(**ModelTester(MODALITIES).config().to_dict()).save_pretrained(tmp_path)
     metrics = {"method": method, "dataset": "synthetic", "seed": 0, "test": {"accuracy": 0.625, "n": 8},
                "settings": {"epochs": 3, "learning_rate": 0.002}}

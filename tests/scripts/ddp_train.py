@@ -15,7 +15,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402
 
 from dmil_hf import DmilConfig  # noqa: E402
-from dmil_hf.baselines import build_model  # noqa: E402
+from dmil_hf import build_model  # noqa: E402
 from dmil_hf.embedding_cache import cache_tower_embeddings  # noqa: E402
 from dmil_hf.training import DmilTrainer  # noqa: E402
 
