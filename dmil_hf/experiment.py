@@ -7,47 +7,15 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .run_settings import METHODS, RunSettings
+
 logger = logging.getLogger(__name__)
-
-METHODS = ("dmil", "joint", "ensemble", "i2moe")
-
-
-@dataclass
-class RunSettings:
-    """Everything `dmil train` needs. Epoch and learning-rate fields left as None take the method's defaults."""
-
-    dataset: str = "digits"
-    method: str = "dmil"
-    output_dir: str = "runs/dmil-digits"
-    towers: str = "tiny"
-    pretrained: dict = field(default_factory=dict)  # modality -> hub id or local folder
-    stage_epochs: tuple | None = None  # DMIL (stage1, stage2, stage3)
-    stage_learning_rates: tuple | None = None
-    epochs: float | None = None  # baselines; default: DMIL's total epochs
-    learning_rate: float | None = None  # baselines
-    batch_size: int = 64
-    seed: int = 0
-    lora: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    report_to: str = "none"
-    dataset_kwargs: dict = field(default_factory=dict)
-    config_overrides: dict = field(default_factory=dict)
-    tower_pooling: str = "mean"
-    push_to_hub: bool = False  # push the finished run (exported, checked, with its card) to `hub_model_id`
-    hub_model_id: str | None = None
-    hub_private: bool = False
-    resume_with_changes: bool = False  # resume even though settings or data differ from the interrupted run's
-    full_determinism: bool = False  # transformers' enable_full_determinism (torch deterministic algorithms)
-    freeze_towers: bool | list = False  # DmilConfig.freeze_towers: True (all towers) or modality names
-    embedding_cache: bool = True  # cache frozen towers' pooled outputs (dmil_hf.embedding_cache); False: run live
-
 
 DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in DmilConfig
 

@@ -133,7 +133,7 @@ def run(args) -> int:
     from ..data import inspect_dataset, load_dataset_from_name_or_path
     from ..interactions import estimate_interactions, per_sample_interactions, plot_per_sample
     from ..interactions.dataset import modality_arrays_with_info
-    from .train import parse_key_values
+    from ..run_settings import parse_key_values
 
     if args.n_clusters < 2:
         raise ValueError(f"--n-clusters must be at least 2; got {args.n_clusters}.")
