@@ -21,6 +21,7 @@ DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in Dmil
 
 
 RUN_MARKER = "dmil_run.json"  # written first into every run folder: what the run is, its settings, its state
+TRAIN_LOG = "train_log.jsonl"  # every log event of the run's training, all its loss terms (training.TrainLogCallback)
 # The settings a resumed run must share with the interrupted one (the others only say where output goes).
 RESUME_KEYS = ("dataset", "method", "towers", "pretrained", "stage_epochs", "stage_learning_rates", "epochs",
                "learning_rate", "batch_size", "seed", "lora", "dataset_kwargs", "config_overrides", "tower_pooling",
@@ -231,7 +232,7 @@ def write_run_marker(output_dir: Path, settings: RunSettings, data: dict, **stat
 
 # What a run folder holds besides the files its marker lists (written before the list exists, or by `dmil evaluate`).
 RUN_ENTRIES = (RUN_MARKER, "checkpoints", "adapters", "final", "metrics.json", "interaction_profile.json",
-               "interaction_weights.png")
+               "interaction_weights.png", TRAIN_LOG)
 
 
 def _remove_run(path: Path) -> None:
@@ -419,7 +420,7 @@ def run_training(settings: RunSettings) -> dict:
     from .data import inspect_dataset, load_dataset_from_name_or_path
     from .interactions import make_compute_metrics
     from .preprocess import build_processor, encode_dataset
-    from .training import apply_lora, merge_lora, save_lora_adapters, train_staged
+    from .training import TrainLogCallback, apply_lora, merge_lora, save_lora_adapters, train_staged
 
     check_settings(settings)
     output_dir = Path(settings.output_dir)
@@ -485,7 +486,7 @@ def run_training(settings: RunSettings) -> dict:
         model, args, encoded["train"], encoded["validation"],
         compute_metrics=make_compute_metrics(validation_interactions),
         resume=settings.resume, metric="mse" if regression else "accuracy", greater_is_better=not regression,
-        callbacks=[clock.callback()], embedding_cache=settings.embedding_cache,
+        callbacks=[clock.callback(), TrainLogCallback(output_dir / TRAIN_LOG)], embedding_cache=settings.embedding_cache,
     )
     session_seconds = clock.session()
     if not state.is_main_process:
