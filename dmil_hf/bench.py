@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiment import METHODS
+from .methods import METHODS
 
 # Benchmark configurations: name -> (built-in dataset, builder arguments). `synthetic3` tries the defaults beyond two
 # modalities and equal shares: three feature modalities and a synergy-heavy mixture.
@@ -181,7 +181,7 @@ def _measure(run_dir, configuration, preset) -> dict:
     return out
 
 
-def run_benchmark(output_dir, datasets=DATASETS, methods=METHODS, seeds=None, quick=False, towers="tiny",
+def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(METHODS), seeds=None, quick=False, towers="tiny",
                   jobs: int = 1, ablation: bool = True) -> dict:
     """
     Train and measure every (configuration, method, seed), and with `ablation` every DMIL variant of

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMMANDS = ("train", "evaluate", "bench", "estimate", "export", "push", "profile")
+from .commands import bench, estimate, evaluate, export, profile, push, train
+
+COMMANDS = (train, evaluate, bench, estimate, export, push, profile)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmil", description="DMIL: decomposition-based multimodal interaction learning.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dmil_hf.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"dmil_hf.commands.{name}":
-                raise
-            continue
-        module.add_parser(subparsers)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
     return parser
 
 

@@ -7,52 +7,22 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .methods import METHODS
+from .run_settings import RunSettings
+
 logger = logging.getLogger(__name__)
-
-METHODS = ("dmil", "joint", "ensemble", "i2moe")
-
-
-@dataclass
-class RunSettings:
-    """Everything `dmil train` needs. Epoch and learning-rate fields left as None take the method's defaults."""
-
-    dataset: str = "digits"
-    method: str = "dmil"
-    output_dir: str = "runs/dmil-digits"
-    towers: str = "tiny"
-    pretrained: dict = field(default_factory=dict)  # modality -> hub id or local folder
-    stage_epochs: tuple | None = None  # DMIL (stage1, stage2, stage3)
-    stage_learning_rates: tuple | None = None
-    epochs: float | None = None  # baselines; default: DMIL's total epochs
-    learning_rate: float | None = None  # baselines
-    batch_size: int = 64
-    seed: int = 0
-    lora: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    report_to: str = "none"
-    dataset_kwargs: dict = field(default_factory=dict)
-    config_overrides: dict = field(default_factory=dict)
-    tower_pooling: str = "mean"
-    push_to_hub: bool = False  # push the finished run (exported, checked, with its card) to `hub_model_id`
-    hub_model_id: str | None = None
-    hub_private: bool = False
-    resume_with_changes: bool = False  # resume even though settings or data differ from the interrupted run's
-    full_determinism: bool = False  # transformers' enable_full_determinism (torch deterministic algorithms)
-    freeze_towers: bool | list = False  # DmilConfig.freeze_towers: True (all towers) or modality names
-    embedding_cache: bool = True  # cache frozen towers' pooled outputs (dmil_hf.embedding_cache); False: run live
-
 
 DEFAULT_LEARNING_RATE = 2e-3  # baselines; DMIL's per-stage presets live in DmilConfig
 
 
 RUN_MARKER = "dmil_run.json"  # written first into every run folder: what the run is, its settings, its state
+TRAIN_LOG = "train_log.jsonl"  # every log event of the run's training, all its loss terms (training.TrainLogCallback)
 # The settings a resumed run must share with the interrupted one (the others only say where output goes).
 RESUME_KEYS = ("dataset", "method", "towers", "pretrained", "stage_epochs", "stage_learning_rates", "epochs",
                "learning_rate", "batch_size", "seed", "lora", "dataset_kwargs", "config_overrides", "tower_pooling",
@@ -263,7 +233,7 @@ def write_run_marker(output_dir: Path, settings: RunSettings, data: dict, **stat
 
 # What a run folder holds besides the files its marker lists (written before the list exists, or by `dmil evaluate`).
 RUN_ENTRIES = (RUN_MARKER, "checkpoints", "adapters", "final", "metrics.json", "interaction_profile.json",
-               "interaction_weights.png")
+               "interaction_weights.png", TRAIN_LOG)
 
 
 def _remove_run(path: Path) -> None:
@@ -448,7 +418,7 @@ def run_training(settings: RunSettings) -> dict:
     from .data import inspect_dataset, load_dataset_from_name_or_path
     from .interactions import make_compute_metrics
     from .preprocess import build_processor, encode_dataset
-    from .training import apply_lora, merge_lora, push_trained_model, save_lora_adapters, train_staged
+    from .training import TrainLogCallback, apply_lora, merge_lora, push_trained_model, save_lora_adapters, train_staged
 
     check_settings(settings)
     output_dir = Path(settings.output_dir)
@@ -517,7 +487,7 @@ def run_training(settings: RunSettings) -> dict:
         model, args, encoded["train"], encoded["validation"],
         compute_metrics=make_compute_metrics(validation_interactions),
         resume=settings.resume, metric="mse" if regression else "accuracy", greater_is_better=not regression,
-        callbacks=[clock.callback()], embedding_cache=settings.embedding_cache,
+        callbacks=[clock.callback(), TrainLogCallback(output_dir / TRAIN_LOG)], embedding_cache=settings.embedding_cache,
     )
     session_seconds = clock.session()
     if not state.is_main_process:
@@ -560,5 +530,5 @@ def run_training(settings: RunSettings) -> dict:
     return metrics
 
 
-__all__ = ["METHODS", "RUN_MARKER", "RunSettings", "check_label_coverage", "check_output_dir",
+__all__ = ["RUN_MARKER", "RunSettings", "check_label_coverage", "check_output_dir",
            "check_settings", "evaluate_encoded", "evaluate_model", "interaction_profile", "predict", "run_training", "test_report"]

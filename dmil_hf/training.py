@@ -10,6 +10,9 @@ Frozen towers run once, not once per epoch: before each stage, the pooled output
 read from the embedding cache or computed once (`dmil_hf.embedding_cache`), and the stage trains and evaluates on
 them; the towers that train run live.
 
+Logging: every loss term reaches the `report_to` integrations and the callbacks (e.g. [`TrainLogCallback`], which
+appends them to a JSON-lines file); the console gets one short line per log event ([`log_line`]).
+
 Example (your own script):
 ```python
 from transformers import TrainingArguments
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .methods import method_of
 
@@ -40,14 +44,74 @@ logger = logging.getLogger(__name__)
 LORA_TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("qkv",))
 
 
+def log_line(stage: str, state, logs: dict) -> str:
+    """The console line of one log event: a training window's step, loss and main loss terms (`task`: the gated or
+    the baseline's task loss; `kl`, `rec`: the sums of the KL and reconstruction terms), an evaluation's validation
+    metrics, or a finished stage's time."""
+    if "train_runtime" in logs:
+        return f"{stage}: done in {logs['train_runtime']:.1f} s, mean loss {logs.get('train_loss', float('nan')):.4g}"
+    epoch = f"epoch {logs.get('epoch', state.epoch or 0):.2f}"
+    if any(key.startswith("eval_") for key in logs):
+        shown = [f"{name} {logs[f'eval_{name}']:.4f}" for name in ("accuracy", "mse") if f"eval_{name}" in logs]
+        return f"{stage} {epoch}: validation " + ", ".join(shown + [f"loss {logs.get('eval_loss', float('nan')):.4g}"])
+    terms = {key[len("loss_"):]: value for key, value in logs.items() if key.startswith("loss_")}
+    shown = {"loss": logs["loss"]} if "loss" in logs else {}
+    task = terms.get("task_gated", terms.get("task"))
+    if task is not None:
+        shown["task"] = task
+    for group, prefix in (("kl", "kl_"), ("rec", "reconstruction_")):
+        values = [value for name, value in terms.items() if name.startswith(prefix)]
+        if values:
+            shown[group] = sum(values)
+    return (f"{stage} step {state.global_step}/{state.max_steps} {epoch}: "
+            + ", ".join(f"{name} {value:.4g}" for name, value in shown.items()))
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """Trainer's progress bar, with one short [`log_line`] per log event instead of the dict of every logged value."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(log_line(Path(args.output_dir).name, state, logs))
+
+
+class ConsolePrinterCallback(TrainerCallback):
+    """[`ConsoleProgressCallback`]'s lines without the bar (`disable_tqdm=True`)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(log_line(Path(args.output_dir).name, state, logs))
+
+
+class TrainLogCallback(TrainerCallback):
+    """Appends every log event, with all its values (every loss term), to the JSON-lines file `path`: one object per
+    event, `{"stage": ..., "step": ..., **logs}`, from the main process only. A resumed run appends to the same file
+    (the steps between the last checkpoint and the interruption then appear twice)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"stage": Path(args.output_dir).name, "step": state.global_step, **logs}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+
+
 class DmilTrainer(Trainer):
     """`Trainer` that logs every loss term of DMIL (and the baselines) by name, averaged over the logging window.
 
     The terms are summed on the model's device, one stacked tensor per step, and read back once per logging window:
-    reading each term every step (`float(term)`) would make the host wait for the device once per term per step."""
+    reading each term every step (`float(term)`) would make the host wait for the device once per term per step.
+    Every term goes to the logging integrations (`report_to`) and callbacks; the console gets a short line per log
+    event ([`log_line`]) instead of Trainer's dict of them all."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.pop_callback(PrinterCallback) is not None:
+            self.add_callback(ConsolePrinterCallback)
+        elif self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ConsoleProgressCallback)
         self._term_sums: dict[str, float] = {}  # windows already read back (the term names changed within one)
         self._term_names: tuple[str, ...] = ()
         self._term_total = None  # running sum of the current names' values, on the device

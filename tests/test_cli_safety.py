@@ -381,3 +381,44 @@ def test_stage_epochs_through_config_arg_and_unused_tower_are_refused(tmp_path, 
     assert "--text-model given, but the dataset has no such modality" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tower)
+
+
+# ------------------------------------------------------------------------------------------ settings defined once
+
+
+def test_train_help_is_generated_from_run_settings(capsys, monkeypatch):
+    import dataclasses
+
+    from dmil_hf.methods import METHODS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside the help texts
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(RunSettings):
+        for option, kwargs in f.metadata.get("options", {f"--{f.name.replace('_', '-')}": f.metadata}).items():
+            assert option in help_text and " ".join(kwargs["help"].split()) in help_text, option
+    assert "{" + ",".join(METHODS) + "}" in help_text and "--pooling {auto,mean,cls}" in help_text
+    assert "(default: 64)" in help_text  # defaults come from the dataclass
+
+
+def test_train_options_become_run_settings():
+    from dmil_hf.cli import build_parser
+    from dmil_hf.run_settings import settings_from_args
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["train", "--output-dir", "out", *argv]))
+
+    assert settings() == RunSettings(output_dir="out")
+    assert settings("--text-model", "t", "--audio-model", "a", "--stage-epochs", "1", "0", "2.5", "--lora",
+                    "--freeze-towers", "--no-embedding-cache", "--pooling", "cls", "--dataset-arg", "num_samples=600",
+                    "--dataset-arg", "name=x", "--config-arg", "latent_size=64", "--batch-size", "8") == RunSettings(
+        output_dir="out", pretrained={"text": "t", "audio": "a"}, stage_epochs=(1.0, 0.0, 2.5), lora=True,
+        freeze_towers=True, embedding_cache=False, tower_pooling="cls", dataset_kwargs={"num_samples": 600,
+                                                                                        "name": "x"},
+        config_overrides={"latent_size": 64}, batch_size=8)
+    assert settings("--freeze-towers", "text", "vision").freeze_towers == ["text", "vision"]
+    with pytest.raises(SystemExit):  # argparse's own refusals stay: three stages, known choices
+        settings("--stage-epochs", "1", "1")
+    with pytest.raises(SystemExit):
+        settings("--method", "svm")

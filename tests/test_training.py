@@ -16,7 +16,8 @@ from transformers import TrainerCallback, TrainingArguments
 from dmil_hf import DmilConfig, DmilForMultimodalClassification
 from dmil_hf.cli import main
 from dmil_hf.interactions import make_compute_metrics
-from dmil_hf.training import apply_lora, load_lora_adapters, merge_lora, save_lora_adapters, train_staged
+from dmil_hf.training import (TrainLogCallback, apply_lora, load_lora_adapters, merge_lora, save_lora_adapters,
+                              train_staged)
 
 from conftest import ModelTester
 
@@ -124,6 +125,37 @@ def test_stage_switch_restores_best_checkpoint(tmp_path):
                                                       .read_text())["log_history"] if "eval_accuracy" in e]
     assert records[0]["best_metric"] == max(history)
     assert (tmp_path / "stage1" / "done.json").exists()
+
+
+class RecordLogs(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_console_gets_a_short_line_and_callbacks_and_the_log_file_every_term(tmp_path, capsys, disable_tqdm):
+    model = feature_model(stage1_epochs=1, stage2_epochs=0, stage3_epochs=1)
+    data = encoded(feature_dataset())
+    recorder, log_file = RecordLogs(), tmp_path / "train_log.jsonl"
+    train_staged(model, args_for(tmp_path, disable_tqdm=disable_tqdm, logging_steps=2), data["train"],
+                 data["validation"], compute_metrics=make_compute_metrics(),
+                 callbacks=[recorder, TrainLogCallback(log_file)])
+    captured = capsys.readouterr()
+    console = captured.out + captured.err  # the bar writes its lines to stderr
+    step_lines = [line for line in console.splitlines() if " step " in line]
+    assert step_lines and all("loss_" not in line and "{" not in line for line in step_lines), console
+    assert any(line.startswith("stage3 step 4/4") and "task " in line and "kl " in line and "rec " in line
+               for line in step_lines), step_lines
+    assert "stage1 epoch 1.00: validation accuracy" in console and "stage3: done in" in console
+    # Callbacks (and so the report_to integrations) and the log file get every term of every log event.
+    step_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert step_logs and all("loss_kl_redundancy" in logs and "loss_task_gated" in logs for logs in step_logs)
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in ("stage", "step")} for r in records] == recorder.logs
+    assert [r["stage"] for r in records if "train_runtime" in r] == ["stage1", "stage3"]
 
 
 class CrashAt(TrainerCallback):

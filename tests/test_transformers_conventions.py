@@ -38,6 +38,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from dmil_hf import METHODS as REGISTERED_METHODS
 from dmil_hf import DmilConfig, DmilForMultimodalClassification, DmilModel, build_model
 from dmil_hf.modeling_dmil import DmilClassifierOutput, DmilGaussianBottleneck
 from dmil_hf.processing_dmil import DmilProcessor
@@ -45,7 +46,7 @@ from dmil_hf.towers import text_tower_config
 
 from conftest import COMBINATIONS, VOCAB, ModelTester
 
-METHODS = ("dmil", "joint", "ensemble", "i2moe")
+METHODS = tuple(REGISTERED_METHODS)
 
 
 def _build(method, tester, **overrides):

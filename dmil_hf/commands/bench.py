@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(subparsers):
     from ..bench import DATASETS
-    from ..experiment import METHODS
+    from ..methods import METHODS
 
     p = subparsers.add_parser("bench", help="compare dmil, joint, ensemble and i2moe per kind of sample")
     p.add_argument("--output-dir", required=True)

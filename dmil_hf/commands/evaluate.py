@@ -27,7 +27,7 @@ def run(args) -> int:
     from ..data import inspect_dataset, load_dataset_from_name_or_path
     from ..experiment import evaluate_model
     from ..loading import load_model
-    from .train import parse_key_values
+    from ..run_settings import parse_key_values
 
     model = load_model(args.model, allow_pickle=args.allow_pickle)
     dsd = load_dataset_from_name_or_path(args.dataset, **parse_key_values(args.dataset_arg))

@@ -8,6 +8,9 @@ decomposition, in bits). Pure functions on numpy arrays (numpy, scipy, scikit-le
   out-of-fold classifier probabilities.
 - [`make_compute_metrics`]: accuracy per interaction type for `transformers.Trainer`; [`plot_per_sample`].
 - [`metric_path`]: the folder of the `evaluate` metric module (`evaluate.load(metric_path())`).
+
+`dmil estimate`'s whole run on a dataset (loading it, optionally a trained model, writing the report, per-sample file
+and plot) is `dmil_hf.interactions.dataset_estimate.estimate_dataset`, imported from its module.
 """
 
 from pathlib import Path
