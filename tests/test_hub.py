@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,6 +41,8 @@ PROFILE = {
     "synergy": {"redundancy": 0.05, "unique_text": 0.05, "unique_vision": 0.05, "unique_alpha": 0.05, "synergy": 0.8},
 }
 PLACEHOLDERS = ("{{", "}}", "[More Information Needed]", "TODO")
+ROOT = Path(__file__).parents[1]
+TEMPLATE_FILES = [path for path in (ROOT / "model_cards").iterdir() if path.suffix in (".md", ".jinja")]
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +131,50 @@ def test_card_for_baselines(tmp_path, method):
     assert "`baselines.py`" in text
 
 
-def test_card_template_is_package_data_and_top_level_copy_matches():
-    top_level = Path(__file__).parents[1] / "model_cards" / TEMPLATE_PATH.name
-    assert TEMPLATE_PATH.is_file() and TEMPLATE_PATH.parent.parent == Path(dmil_hf.__file__).parent
-    assert top_level.read_text() == TEMPLATE_PATH.read_text(), "model_cards/ must hold a copy of the package template"
+def test_card_templates_are_the_top_level_model_cards_folder():
+    from importlib.resources import files
+
+    from dmil_hf.hub import card
+
+    loaded = [TEMPLATE_PATH, card.USAGE_TEMPLATE_PATH, card.PIPELINE_TEMPLATE_PATH]
+    assert {path.name for path in loaded} == {path.name for path in TEMPLATE_FILES}
+    for path in loaded:
+        assert path.is_file() and Path(str(path)).resolve() == (ROOT / "model_cards" / path.name).resolve(), path
+        assert path == files("dmil_hf.model_cards") / path.name
+    assert not (Path(dmil_hf.__file__).parent / "model_cards").exists(), "the templates live once, in model_cards/"
+
+
+def test_wheel_holds_every_module_and_template(tmp_path):
+    pytest.importorskip("setuptools")
+    import zipfile
+
+    source = tmp_path / "src"
+    for folder in ("dmil_hf", "model_cards"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "dmil_hf").rglob("*.py")}
+    expected |= {f"dmil_hf/model_cards/{path.name}" for path in TEMPLATE_FILES}
+    missing = expected - set(zipfile.ZipFile(wheel).namelist())
+    assert not missing, sorted(missing)
+
+
+def test_reload_check_stands_outside_the_package():
+    """`reload_check.py` runs by path in a process without `dmil_hf`: it must not import it, nor its siblings."""
+    import ast
+
+    from dmil_hf.hub import export
+
+    tree = ast.parse(export.RELOAD_CHECK.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not node.module.startswith("dmil_hf"), ast.unparse(node)
+        elif isinstance(node, ast.Import):
+            assert not any(alias.name.startswith("dmil_hf") for alias in node.names), ast.unparse(node)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -188,7 +231,7 @@ def test_export_refuses_non_empty_output_unless_overwrite(model_dir, tmp_path):
 
 
 def test_export_reports_mismatch_and_leaves_folder(tmp_path, monkeypatch):
-    import dmil_hf.hub as hub
+    from dmil_hf.hub import export
 
     model = DmilForMultimodalClassification(ModelTester(("alpha", "beta")).config()).eval()
     model.save_pretrained(tmp_path / "model")
@@ -200,7 +243,7 @@ def test_export_reports_mismatch_and_leaves_folder(tmp_path, monkeypatch):
                        for case, inputs in cases.items() for name in ("logits", "interaction_weights")}
         return outputs, {}
 
-    monkeypatch.setattr(hub, "_reload_in_fresh_process", perturbed)
+    monkeypatch.setattr(export, "_reload_in_fresh_process", perturbed)
     with pytest.raises(ExportCheckError, match="left at .* for inspection"):
         export_model(tmp_path / "model", tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").exists()
@@ -304,20 +347,19 @@ def hub_server(monkeypatch, tmp_path):
 @pytest.fixture
 def fake_hub(monkeypatch, exported, hub_server):
     import dmil_hf.hub as hub
+    from dmil_hf.hub import push
 
     server = hub_server
     calls = []
 
     def reuse_export(model_dir, output_dir, **kwargs):
         # The module's real export (its fresh-process check already ran) stands in for a second one.
-        import shutil
-
         calls.append(kwargs)
         shutil.copytree(exported[0], output_dir)
         hub.write_model_card(output_dir, repo_id=kwargs.get("repo_id"), revision=kwargs.get("revision"))
         return dict(exported[1], output_dir=str(output_dir))
 
-    monkeypatch.setattr(hub, "export_model", reuse_export)
+    monkeypatch.setattr(push, "export_model", reuse_export)
     server.export_calls = calls
     return server
 
