@@ -1166,7 +1166,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
     stage_group_descriptions = {
         "level1": "towers and projections, level 1 (task-relevant / -irrelevant latents), unimodal heads",
         "level2": "level 2 (redundancy, uniqueness), their component heads, the gate",
-        "synergy": "the synergy component and its head",
+        "synergy": "the synergy component and its head (in stage 1 a warm-up on detached inputs)",
         "readout": "the readout's modality heads (on detached embeddings)",
     }
 

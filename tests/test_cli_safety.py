@@ -315,7 +315,7 @@ def test_push_with_a_token_but_no_reachable_hub(finished_run, monkeypatch, capsy
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     exports = []
-    monkeypatch.setattr(hub, "export_model", lambda *a, **k: exports.append(a))
+    monkeypatch.setattr(hub.push, "export_model", lambda *a, **k: exports.append(a))
     assert main(["push", "--model", str(finished_run), "--repo-id", "me/dmil", "--token", "hf_fake"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err and "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1
@@ -334,7 +334,7 @@ def test_push_with_an_unreachable_endpoint(finished_run, monkeypatch, capsys):
         port = sock.getsockname()[1]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(hub, "export_model", lambda *a, **k: pytest.fail("exported before checking the Hub"))
+    monkeypatch.setattr(hub.push, "export_model", lambda *a, **k: pytest.fail("exported before checking the Hub"))
     with pytest.raises(hub.HubUnreachableError, match=f"127.0.0.1:{port}.*cannot be reached"):
         hub.check_push_target("me/dmil", token="hf_fake")
     assert main(["push", "--model", str(finished_run), "--repo-id", "me/dmil", "--token", "hf_fake"]) == 2

@@ -13,6 +13,7 @@ import math
 from importlib.resources import files
 from pathlib import Path
 
+from ..methods import METHODS, method_of
 from ._common import HUB_ID
 
 TEMPLATES = files("dmil_hf.model_cards")
@@ -28,20 +29,6 @@ PAPER_CITATION = """@inproceedings{yang2026information,
   eprint        = {2606.11614},
   archivePrefix = {arXiv}
 }"""
-
-_METHODS = {
-    "dmil": ("DMIL", "Decomposition-based Multimodal Interaction Learning (Yang et al., CVPR 2026): every sample is "
-             "decomposed into a redundant component, one unique component per modality and a synergistic component, "
-             "each with its own classifier head, and a per-sample gate weights their predictions."),
-    "dmil_joint": ("joint-fusion baseline", "the pooled modality embeddings are concatenated and classified by one "
-                   "MLP trained end to end (the DMIL paper's joint-learning baseline)."),
-    "dmil_ensemble": ("unimodal-ensemble baseline", "one classifier per modality, each trained on its own modality "
-                      "only; the prediction averages their probabilities (the DMIL paper's ensemble baseline)."),
-    "dmil_i2moe": ("I2MoE-style baseline", "interaction experts (one unique per modality, one synergy, one "
-                   "redundancy) with a reweighting gate and perturbation-based interaction losses (after Xin et al., "
-                   "ICML 2025)."),
-}
-
 
 def _read_json(value, default_path: Path, what: str):
     """`value` as a dict: itself, a JSON file it names, or (when None) `default_path` if that exists."""
@@ -141,18 +128,16 @@ def _dataset_prose(dataset: str) -> str:
 
 
 def _stage_rows(config) -> list[dict]:
-    trains = {1: "encoders, level 1 (task-relevant / -irrelevant latents), unimodal heads",
-              2: "level 2 (redundancy, uniqueness, synergy), component heads, gate; level 1 frozen",
-              3: "everything"}
-    warm_up = getattr(config, "stage1_synergy_weight", 0.0)
-    if warm_up:
-        trains[1] += f"; synergy component warms up on detached embeddings (weight {warm_up:g})"
-    losses = {1: "Σ CE(unimodal) + λ·(KL + reconstruction)" + (" + w·CE(synergy)" if warm_up else ""),
-              2: "CE(gated) + λ·(level-2 KLs + alignment) + w·Σ CE(component)",
-              3: "CE(gated) + w·Σ CE(unimodal) + λ·KL + level-2 terms + w·Σ CE(component)"}
-    return [{"stage": k, "trains": trains[k], "loss": losses[k], "epochs": f"{getattr(config, f'stage{k}_epochs'):g}",
-             "learning_rate": f"{getattr(config, f'stage{k}_learning_rate'):g}"} for k in (1, 2, 3)
-            if getattr(config, f"stage{k}_epochs") > 0]
+    """The schedule as the model defines it: each scheduled stage's presets, the parameter groups it trains and its
+    loss (`STAGE_LOSSES`, written out with this config's weights)."""
+    from ..modeling_dmil import STAGE_LOSSES, DmilForMultimodalClassification, describe_loss
+
+    groups = DmilForMultimodalClassification.stage_group_descriptions
+    return [{"stage": stage.index, "epochs": f"{stage.epochs:g}", "learning_rate": f"{stage.learning_rate:g}",
+             "trains": "; ".join(groups[g] for g in
+                                 DmilForMultimodalClassification.stage_parameter_groups(config, stage.index)),
+             "loss": f"`{describe_loss(STAGE_LOSSES[stage.index], config)}`"}
+            for stage in config.scheduled_stages]
 
 
 def _loss_weights(config) -> list[dict]:
@@ -186,7 +171,8 @@ def _code_files(model_dir: Path, config, processor: dict | None) -> list[str]:
     files = sorted(path.name for path in model_dir.glob("*.py"))
     if files:
         return files
-    files = ["configuration_dmil.py", "modeling_dmil.py"] + (["baselines.py"] if config.model_type != "dmil" else [])
+    method = method_of(config)
+    files = ["configuration_dmil.py", "modeling_dmil.py"] + (["baselines.py"] if method.name != "dmil" else [])
     return files + (["processing_dmil.py"] if processor is not None else [])
 
 
@@ -254,7 +240,7 @@ def _usage_code(config, model_ref: str, revision: str | None, processor: dict | 
     values = dict(repo=json.dumps(model_ref), revision=f", revision={json.dumps(revision)}" if revision else "",
                   ex=examples, features=features, tensors=_tensor_examples(config, examples),
                   has_processor=bool(examples), regression=config.problem_type == "regression",
-                  has_weights=config.model_type in ("dmil", "dmil_i2moe"))
+                  has_weights=method_of(config).interaction_weights)
     usage, pipe = (Template(path.read_text(encoding="utf-8"), trim_blocks=True, lstrip_blocks=True).render(**values)
                    .strip() for path in (USAGE_TEMPLATE_PATH, PIPELINE_TEMPLATE_PATH))
     return usage, pipe
@@ -306,7 +292,7 @@ def _training_context(config, metrics: dict | None) -> dict:
     if config.model_type == "dmil_i2moe":
         parts += [f"gate temperature {config.i2moe_temperature:g}",
                   f"interaction-loss weight {config.i2moe_interaction_weight:g}"]
-    dmil = config.model_type == "dmil"
+    dmil = method_of(config).staged
     return {"stages": _stage_rows(config) if dmil else [], "loss_weights": _loss_weights(config) if dmil else [],
             "optimizer": "AdamW", "method_settings": "" if dmil else ", ".join(parts),
             "run_settings": run_settings}
@@ -347,7 +333,11 @@ def render_model_card(model_dir, metrics=None, interaction_profile=None, repo_id
     processor = _processor_info(model_dir)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
     model_ref = repo_id or str(model_dir)
-    method_title, method_description = _METHODS.get(config.model_type, (config.model_type, ""))
+    method = method_of(config)
+    if method is None:
+        raise ValueError(f"{model_dir} holds a {config.model_type!r} model, which is no registered dmil_hf method "
+                         f"({[m.model_type for m in METHODS.values()]}).")
+    method_title, method_description = method.title, method.description
     towers, base_models, random_towers = _tower_rows(config)
     regression = config.problem_type == "regression"
 
@@ -358,7 +348,7 @@ def render_model_card(model_dir, metrics=None, interaction_profile=None, repo_id
     tags = list(CARD_TAGS) + [m for m in ("text", "vision", "audio") if m in config.modalities]
     if config.feature_modalities:
         tags.append("precomputed-features")
-    if config.model_type != "dmil":
+    if method.name != "dmil":
         tags.append(config.model_type.replace("_", "-"))
     datasets = [dataset] if _is_hub_id(dataset) else None
     card_data = ModelCardData(
@@ -380,7 +370,7 @@ def render_model_card(model_dir, metrics=None, interaction_profile=None, repo_id
         regression=regression, num_labels=config.num_labels, label_list=label_list,
         hidden_size=config.hidden_size, latent_size=config.latent_size,
         interaction_components=", ".join(f"`{n}`" for n in config.component_names)
-        if config.model_type in ("dmil", "dmil_i2moe") else "",
+        if method.interaction_weights else "",
         usage_code=usage_code, pipeline_code=pipeline_code,
         dataset_description=_dataset_prose(dataset) if dataset else "its dataset", seed=(metrics or {}).get("seed"),
         plot_file="interaction_weights.png" if (model_dir / "interaction_weights.png").exists() else None,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ._common import HUB_ID
-from .card import _METHODS
+from ..methods import get_method
 from .export import export_model
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def push_model(model_dir, repo_id: str, private: bool = False, create_pr: bool =
         folder = Path(tmp) / repo_id.split("/")[-1]
         report = export_model(model_dir, folder, allow_pickle=allow_pickle, repo_id=repo_id, revision=revision)
         config = json.loads((folder / "config.json").read_text())
-        method = _METHODS.get(config.get("model_type"), (config.get("model_type"),))[0]
+        method = get_method(config.get("model_type")).title
         api = HfApi(token=token)
         # private=None leaves a new repo to the namespace's default visibility (public unless the org says otherwise).
         api.create_repo(repo_id, private=private or None, exist_ok=True)
