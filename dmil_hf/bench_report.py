@@ -77,7 +77,7 @@ def _profile_table(title: str, profile: dict) -> list[str]:
     return lines
 
 
-def _readout_section(dataset: str, methods: dict, reference: dict | None) -> list[str]:
+def _readout_section(methods: dict, reference: dict | None) -> list[str]:
     rows = []
     for method, entry in methods.items():
         if entry.get("readout_match"):
@@ -155,7 +155,7 @@ def render_markdown(results: dict) -> str:
         for method, entry in methods.items():
             lines.append(f"| {method} | {_fmt(entry['train_seconds'], 1, 1)} | {_fmt(entry['latency_ms_per_batch64'], 1, 2)}"
                          f" | {_fmt(entry['peak_memory_mb'], 1, 0)} | {entry['parameters']:,} |")
-        lines += _readout_section(dataset, methods, (results.get("reference_readout") or {}).get(dataset))
+        lines += _readout_section(methods, (results.get("reference_readout") or {}).get(dataset))
         lines.append("")
     lines += _ablation_section(results.get("ablation"))
     lines += ["## Targets", ""]

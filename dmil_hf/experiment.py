@@ -292,7 +292,7 @@ class _RunClock:
         return RunClockCallback()
 
 
-def build_config(settings: RunSettings, schema, dsd, processor):
+def build_config(settings: RunSettings, schema, processor):
     from . import DmilConfig
     from .towers import tower_configs
 
@@ -319,7 +319,7 @@ def build_config(settings: RunSettings, schema, dsd, processor):
     return configs, kwargs
 
 
-def build_run_model(settings: RunSettings, schema, dsd, processor):
+def build_run_model(settings: RunSettings, schema, processor):
     """The model of `settings.method` on random towers, or around the pretrained towers named in `settings.pretrained`."""
     from transformers import AutoModel
 
@@ -327,7 +327,7 @@ def build_run_model(settings: RunSettings, schema, dsd, processor):
     from .methods import build_model
     from .pretrained import resolve_pretrained
 
-    configs, kwargs = build_config(settings, schema, dsd, processor)
+    configs, kwargs = build_config(settings, schema, processor)
     towers = {}
     for modality, source in settings.pretrained.items():
         tower = AutoModel.from_pretrained(resolve_pretrained(source))
@@ -443,7 +443,7 @@ def run_training(settings: RunSettings) -> dict:
         check_resume_matches(output_dir, settings, data)
     processor = build_processor(schema.modalities, dsd["train"], settings.pretrained)
     encoded = encode_dataset(dsd, processor, schema.modalities)
-    model = build_run_model(settings, schema, dsd, processor)
+    model = build_run_model(settings, schema, processor)
     if settings.lora:
         apply_lora(model)
     # Everything is checked: only now may an earlier run in output_dir go. Every process checked the folder before

@@ -46,6 +46,7 @@ class Method:
         max_grad_norm: replaces `TrainingArguments.max_grad_norm` for this method (0 turns clipping off); None
             keeps the arguments' value.
         interaction_weights: its outputs carry per-sample `interaction_weights` (the card describes them).
+        card_settings: the method's own config fields the model card lists, as (field, label) pairs.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Method:
     staged: bool = False
     max_grad_norm: float | None = None
     interaction_weights: bool = False
+    card_settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def model_type(self) -> str:
@@ -140,7 +142,8 @@ register_method(Method(
     "i2moe", "I2MoE-style baseline",
     "interaction experts (one unique per modality, one synergy, one redundancy) with a reweighting gate and "
     "perturbation-based interaction losses (after Xin et al., ICML 2025).",
-    DmilI2moeConfig, DmilI2moeForMultimodalClassification, interaction_weights=True))
+    DmilI2moeConfig, DmilI2moeForMultimodalClassification, interaction_weights=True,
+    card_settings=(("i2moe_temperature", "gate temperature"), ("i2moe_interaction_weight", "interaction-loss weight"))))
 
 
 __all__ = ["METHODS", "Method", "build_model", "get_method", "method_of", "register_method"]

@@ -595,7 +595,7 @@ class DmilEncoders(nn.Module):
             if (kind == "min" and value < 0) or (kind == "max" and vocab is not None and value >= vocab):
                 raise ValueError(f"Input {key} must hold token ids in [0, {vocab}); got a {kind} of {int(value)}.")
 
-    def pool(self, modality, outputs, attention_mask):
+    def pool(self, outputs, attention_mask):
         if isinstance(outputs, torch.Tensor):  # feature towers return the vector itself
             return outputs
         pooled = getattr(outputs, "pooler_output", None)
@@ -629,7 +629,7 @@ class DmilEncoders(nn.Module):
             flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
         with torch.set_grad_enabled(torch.is_grad_enabled() and modality not in self.frozen_modalities):
             outputs = tower(**kwargs, **flags)
-            pooled = self.pool(modality, outputs, kwargs.get("attention_mask"))
+            pooled = self.pool(outputs, kwargs.get("attention_mask"))
         return pooled, outputs
 
     def forward(self, inputs: dict, modality_mask=None):

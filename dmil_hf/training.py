@@ -32,7 +32,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -212,16 +212,15 @@ def cached_stage_splits(model, args: TrainingArguments, stage: dict, train_datas
 
 
 def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
-    """Load `folder/model.safetensors` into `model` key for key; a missing or unexpected weight is an error."""
+    """Load `folder/model.safetensors` into `model` key for key (`safetensors.torch.load_model`, strict: a missing or
+    unexpected weight is an error that names the checkpoint)."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(folder)!r} holds no model.safetensors to restore.")
-    result = model.load_state_dict(load_file(str(path)), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint {str(path)!r} does not match the model: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]} (of {len(result.missing_keys)} and {len(result.unexpected_keys)})."
-        )
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as error:
+        raise RuntimeError(f"checkpoint {str(path)!r} does not match the model: {error}") from None
 
 
 def checkpoint_problem(folder) -> str | None:

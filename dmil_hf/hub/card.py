@@ -289,10 +289,9 @@ def _training_context(config, metrics: dict | None) -> dict:
                              for key in ("towers", "batch_size", "seed", "lora")
                              if settings.get(key) not in (None, "", {}))
     parts = [f"{k.replace('_', ' ')} {settings[k]}" for k in ("epochs", "learning_rate") if settings.get(k)]
-    if config.model_type == "dmil_i2moe":
-        parts += [f"gate temperature {config.i2moe_temperature:g}",
-                  f"interaction-loss weight {config.i2moe_interaction_weight:g}"]
-    dmil = method_of(config).staged
+    method = method_of(config)
+    parts += [f"{label} {getattr(config, field):g}" for field, label in method.card_settings]
+    dmil = method.staged
     return {"stages": _stage_rows(config) if dmil else [], "loss_weights": _loss_weights(config) if dmil else [],
             "optimizer": "AdamW", "method_settings": "" if dmil else ", ".join(parts),
             "run_settings": run_settings}
