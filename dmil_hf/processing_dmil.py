@@ -1,4 +1,5 @@
-# Travels to the Hub with every checkpoint: imports only the standard library, numpy, torch and transformers.
+# Travels to the Hub with every checkpoint: imports only the standard library, numpy, torch, transformers and its
+# sibling configuration_dmil.py (relatively); soundfile (audio files) only when needed.
 """DMIL processor: one optional tokenizer, image processor and feature extractor, with modality-prefixed outputs."""
 
 from __future__ import annotations
@@ -11,20 +12,17 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers import BatchFeature
 from transformers.image_utils import is_pil_image, load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from .configuration_dmil import TOWERS
+
 logger = logging.get_logger(__name__)
 
-# Sub-processor attribute -> (prefix of its outputs, the `__call__` argument it serves, its Auto class).
-_SUB_PROCESSORS = {
-    "tokenizer": ("text", "text", AutoTokenizer),
-    "image_processor": ("vision", "images", AutoImageProcessor),
-    "feature_extractor": ("audio", "audio", AutoFeatureExtractor),
-}
-_TOWER_PREFIXES = frozenset(prefix for prefix, _, _ in _SUB_PROCESSORS.values())
+# Sub-processor attribute -> the tower modality it prepares (its outputs are prefixed by the modality's name).
+_SUB_PROCESSORS = {tower.sub_processor: tower for tower in TOWERS.values()}
 # Above this many kernel taps the exact polyphase resampler gets too big (rates with a tiny common divisor).
 _MAX_RESAMPLE_TAPS = 20_000_000
 
@@ -99,18 +97,18 @@ class DmilProcessor(ProcessorMixin):
         processor_dict = processor_dict or {}
         present = processor_dict.get("sub_processors")
         args = []
-        for name, (_, _, auto_class) in _SUB_PROCESSORS.items():
+        for name, tower in _SUB_PROCESSORS.items():
             if present is not None:
                 saved = name in present
             elif name == "tokenizer":  # a processor_config.json without our marker: the tokenizer may be absent
                 try:
-                    args.append(auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs))
+                    args.append(tower.auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs))
                 except (OSError, ValueError):
                     args.append(None)
                 continue
             else:
                 saved = isinstance(processor_dict.get(name), dict)
-            args.append(auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs) if saved else None)
+            args.append(tower.auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs) if saved else None)
         return args
 
     # ---------------------------------------------------------------- the public interface
@@ -120,7 +118,7 @@ class DmilProcessor(ProcessorMixin):
         """The prefixed names this processor can return (named `<name>_features` depend on the call, so are absent)."""
         names = []
         for name in self.get_attributes():
-            prefix = _SUB_PROCESSORS[name][0]
+            prefix = _SUB_PROCESSORS[name].name
             names += [f"{prefix}_{input_name}" for input_name in getattr(self, name).model_input_names]
         return names
 
@@ -173,10 +171,10 @@ class DmilProcessor(ProcessorMixin):
         if text is None and images is None and audio is None and not features:
             raise ValueError("Nothing to process: pass at least one of text=, images=, audio= or features=.")
         given = {"text": text, "images": images, "audio": audio}
-        for name, (_, argument, _) in _SUB_PROCESSORS.items():
-            if given[argument] is not None and getattr(self, name) is None:
+        for name, tower in _SUB_PROCESSORS.items():
+            if given[tower.processor_argument] is not None and getattr(self, name) is None:
                 raise ValueError(
-                    f"{argument} was given but this processor has no {name.replace('_', ' ')}; it has "
+                    f"{tower.processor_argument} was given but this processor has no {name.replace('_', ' ')}; it has "
                     f"{', '.join(self.get_attributes())}."
                 )
 
@@ -343,8 +341,8 @@ def _read_audio(path) -> tuple[np.ndarray, int]:
 
 
 def _feature_array(name, value) -> np.ndarray:
-    if not isinstance(name, str) or not name.isidentifier() or name in _TOWER_PREFIXES:
-        raise ValueError(f"features key {name!r} must be an identifier other than {sorted(_TOWER_PREFIXES)}.")
+    if not isinstance(name, str) or not name.isidentifier() or name in TOWERS:
+        raise ValueError(f"features key {name!r} must be an identifier other than {sorted(TOWERS)}.")
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().float().numpy()
     try:

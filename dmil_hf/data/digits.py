@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict
 
+from ..configuration_dmil import TOWER_MODALITIES
 from ..pretrained import cache_root
 from ._build import assemble, mixture_shares, split_sizes, type_sequence
 
@@ -159,7 +160,7 @@ def _symbols(kind: str, y: int, u: int) -> dict:
     return {**blank, carrier: digit}
 
 
-def symbolic_bayes_accuracy(shares: dict, present=("text", "vision", "audio")) -> dict:
+def symbolic_bayes_accuracy(shares: dict, present=TOWER_MODALITIES) -> dict:
     """Exact Bayes accuracy per type and overall when only the modalities in `present` are seen (ties split)."""
     states = [(k, y, u) for k in INTERACTION_TYPES if shares[k] > 0 for y in range(10) for u in range(10)]
     key = {s: tuple(_symbols(*s)[m] for m in present) for s in states}
@@ -274,9 +275,9 @@ def make_digits(num_samples: int = 4000, seed: int = 0, cache_dir=None, mixture:
                          "labels": np.array([s["label"] for s in plan], dtype=np.int64),
                          "interaction": [s["interaction"] for s in plan]}
     degraded = {}
-    for m in ("text", "vision", "audio"):
+    for m in TOWER_MODALITIES:
         degraded[f"missing_{m}"] = degraded[f"noise_{m}"] = symbolic_bayes_accuracy(
-            shares, tuple(x for x in ("text", "vision", "audio") if x != m))
+            shares, tuple(x for x in TOWER_MODALITIES if x != m))
     metadata = {
         "name": "digits",
         "builder_kwargs": {"num_samples": int(num_samples), "seed": seed, "mixture": shares, "noise": float(noise),

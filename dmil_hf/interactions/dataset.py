@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..configuration_dmil import TOWERS, column_of
+
 DEFAULT_DIMS = 32
 MEL_BANDS = 40
 FRAME_SECONDS = 0.025
 HOP_SECONDS = 0.010
-TOWER_COLUMNS = {"text": "text", "vision": "image", "audio": "audio"}
-
-
-def _column(modality: str) -> str:
-    return TOWER_COLUMNS.get(modality, f"{modality}_features")
 
 
 def _reduce(matrix: np.ndarray, dims: int, seed: int, sparse: bool = False) -> tuple[np.ndarray, int]:
@@ -149,7 +146,7 @@ def audio_matrix(waveforms, sampling_rates, dims: int = DEFAULT_DIMS, seed: int 
 
 def default_matrix(split, modality: str, dims: int = DEFAULT_DIMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """The default representation of one modality of `split` (see the module docstring): (matrix, description)."""
-    column = _column(modality)
+    column = column_of(modality)
     if column not in split.column_names:
         raise ValueError(f"modality {modality!r} has no column {column!r} in the split; it has {split.column_names}.")
     if modality == "text":
@@ -173,8 +170,8 @@ def model_embeddings(split, modalities, model, processor=None, batch_size: int =
     unknown = [m for m in modalities if m not in order]
     if unknown:
         raise ValueError(f"the model has no modalities {unknown}; it has {order}.")
-    if processor is None and any(m in TOWER_COLUMNS for m in modalities):
-        raise ValueError(f"modalities {[m for m in modalities if m in TOWER_COLUMNS]} need the model's processor "
+    if processor is None and any(m in TOWERS for m in modalities):
+        raise ValueError(f"modalities {[m for m in modalities if m in TOWERS]} need the model's processor "
                          "(tokenizer / image processor / feature extractor); pass processor=.")
     encoded = encode_split(split, processor, list(modalities))
     columns = [c for c in encoded.column_names if c != "labels"]
