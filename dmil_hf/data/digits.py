@@ -42,6 +42,7 @@ from datasets import DatasetDict
 
 from ..configuration_dmil import TOWER_MODALITIES
 from ..pretrained import cache_root
+from ..processing_dmil import resample_waveform
 from ._build import assemble, mixture_shares, split_sizes, type_sequence
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -117,7 +118,6 @@ def synthesize_clips(voices, cache_dir=None, workers: int = 4) -> dict:
     """(word index, voice) -> trimmed, peak-normalised (0.5) float32 clip at 16 kHz; synthesises missing clips with
     espeak-ng into `cache_dir` (default `~/.cache/dmil_hf/espeak`, or `$DMIL_HF_CACHE/espeak`)."""
     import soundfile
-    from scipy.signal import resample_poly
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wanted = {(i, v): _clip_path(cache_dir, w, v) for (i, w), v in product(enumerate(DIGIT_WORDS), voices)}
@@ -136,9 +136,7 @@ def synthesize_clips(voices, cache_dir=None, workers: int = 4) -> dict:
     for key, path in wanted.items():
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         data = data.mean(1)
-        if rate != SAMPLING_RATE:
-            divisor = np.gcd(int(rate), SAMPLING_RATE)
-            data = resample_poly(data, SAMPLING_RATE // divisor, int(rate) // divisor).astype(np.float32)
+        data = resample_waveform(data, rate, SAMPLING_RATE)
         loud = np.flatnonzero(np.abs(data) > 0.02 * np.abs(data).max())
         data = data[max(0, loud[0] - 160): loud[-1] + 160] if loud.size else data
         clips[key] = (0.5 * data / max(np.abs(data).max(), 1e-6)).astype(np.float32)
