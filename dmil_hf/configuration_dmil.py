@@ -9,18 +9,53 @@ import difflib
 import inspect
 import keyword
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-TOWER_MODALITIES = ("text", "vision", "audio")
-# The main input each tower kind may have; a config whose model does not take one of these is refused.
-TOWER_INPUTS = {
-    "text": ("input_ids",),
-    "vision": ("pixel_values",),
-    "audio": ("input_values", "input_features"),
-}
-RESERVED_NAMES = frozenset(TOWER_MODALITIES) | {"labels", "modality", "interaction", "image"}
+
+@dataclasses.dataclass(frozen=True)
+class TowerModality:
+    """
+    One tower modality of the input schema, everywhere it appears: its dataset column (`rate_column`: the column
+    with its sampling rate), the `DmilProcessor` argument and sub-processor (with its Auto class) that prepare it, and
+    the main inputs its tower may take (name -> rank, batch first; `float_inputs`: those that must be floating
+    point). The processor's outputs and the model's inputs are prefixed by `name`.
+    """
+
+    name: str
+    column: str
+    processor_argument: str
+    sub_processor: str
+    auto_class: type
+    main_inputs: dict[str, int]
+    float_inputs: tuple[str, ...] = ()
+    rate_column: str | None = None
+
+
+TOWERS = {tower.name: tower for tower in (
+    TowerModality("text", column="text", processor_argument="text", sub_processor="tokenizer",
+                  auto_class=AutoTokenizer, main_inputs={"input_ids": 2}),
+    TowerModality("vision", column="image", processor_argument="images", sub_processor="image_processor",
+                  auto_class=AutoImageProcessor, main_inputs={"pixel_values": 4}, float_inputs=("pixel_values",)),
+    TowerModality("audio", column="audio", processor_argument="audio", sub_processor="feature_extractor",
+                  auto_class=AutoFeatureExtractor, main_inputs={"input_values": 2, "input_features": 3},
+                  float_inputs=("input_values", "input_features"), rate_column="audio_sampling_rate"),
+)}
+TOWER_MODALITIES = tuple(TOWERS)
+# A feature modality `<name>` is the dataset column `<name>_features` and the model input `<name>_features`.
+FEATURES = "features"
+# The main inputs each tower kind may have; a config whose model does not take one of these is refused.
+TOWER_INPUTS = {name: tuple(tower.main_inputs) for name, tower in TOWERS.items()}
+RESERVED_NAMES = (frozenset(TOWERS) | {tower.column for tower in TOWERS.values()}
+                  | {"labels", "modality", "interaction"})
+
+
+def column_of(modality: str) -> str:
+    """The dataset column holding `modality`: a tower's column (text, image, audio), else `<modality>_features`."""
+    return TOWERS[modality].column if modality in TOWERS else f"{modality}_{FEATURES}"
+
+
 # Keywords every transformers config accepts or writes into config.json (besides the dataclass fields of
 # PretrainedConfig, which are added below): a DmilConfig takes these and refuses any other unknown keyword.
 _STANDARD_CONFIG_KEYS = frozenset({
@@ -423,4 +458,4 @@ class DmilStage:
         return f"stage{self.index}"
 
 
-__all__ = ["DmilConfig", "DmilStage", "TOWER_MODALITIES", "TOWER_INPUTS"]
+__all__ = ["DmilConfig", "DmilStage", "TOWERS", "TOWER_INPUTS", "TOWER_MODALITIES", "TowerModality", "column_of"]

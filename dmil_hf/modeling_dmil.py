@@ -19,14 +19,14 @@ from torch.nn import functional as F
 from transformers import MODEL_MAPPING, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_dmil import TOWER_INPUTS, TOWER_MODALITIES, DmilConfig
+from .configuration_dmil import FEATURES, TOWER_MODALITIES, TOWERS, DmilConfig
 
 logger = logging.get_logger(__name__)
 
 # Expected rank of each tower's main input (batch first).
-_MAIN_INPUT_RANK = {"input_ids": 2, "pixel_values": 4, "input_values": 2, "input_features": 3}
+_MAIN_INPUT_RANK = {name: rank for tower in TOWERS.values() for name, rank in tower.main_inputs.items()}
 # Inputs that must be floating point (an integer tensor there is raw data: uint8 pixels, int16 PCM).
-_FLOAT_INPUTS = ("pixel_values", "input_values", "input_features", "features")
+_FLOAT_INPUTS = tuple(name for tower in TOWERS.values() for name in tower.float_inputs) + (FEATURES,)
 # Name (after the modality prefix) of a tower's precomputed pooled output, `(batch, tower width)`: given instead of
 # the tower's own inputs, it skips the tower (the frozen-tower embedding cache feeds it; see `DmilEncoders.encode`).
 TOWER_EMBEDS = "tower_embeds"
@@ -303,7 +303,7 @@ def _check_checkpoint_path(path, kwargs) -> None:
 class DmilFeatureTower(nn.Module):
     """Tower for a precomputed feature vector `(batch, width)` or sequence `(batch, time, width)` (time-averaged)."""
 
-    main_input_name = "features"
+    main_input_name = FEATURES
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
@@ -432,7 +432,7 @@ class DmilEncoders(nn.Module):
     def input_names(self, modality: str) -> tuple[str, ...]:
         """The keyword arguments the tower of `modality` accepts (without the prefix)."""
         if modality in self.config.feature_modalities:
-            return ("features", "attention_mask")
+            return (FEATURES, "attention_mask")
         tower = self.towers[modality]
         # A LoRA-wrapped tower (peft) forwards **kwargs: read the signature of the model it wraps.
         tower = tower.get_base_model() if hasattr(tower, "get_base_model") else tower
@@ -546,7 +546,7 @@ class DmilEncoders(nn.Module):
         tensor = kwargs[main]
         if main == "input_features":  # (batch, mel, frames): the mask is per frame
             expected = {"attention_mask": (tensor.shape[0], tensor.shape[-1])}
-        elif main == "features":
+        elif main == FEATURES:
             expected = {"attention_mask": tuple(tensor.shape[:2])} if tensor.dim() == 3 else {}
         elif main in ("input_ids", "input_values"):
             expected = {name: tuple(tensor.shape) for name in ("attention_mask", "token_type_ids", "position_ids")}

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
+from .configuration_dmil import TOWERS
+
 TASK = "multimodal-classification"
-# Sample key -> (modality, DmilProcessor argument).
-_RAW_KEYS = {"text": ("text", "text"), "image": ("vision", "images"), "audio": ("audio", "audio")}
 
 
 class MultimodalClassificationPipeline(Pipeline):
@@ -97,7 +97,7 @@ class MultimodalClassificationPipeline(Pipeline):
 
     def expected_keys(self) -> list[str]:
         modalities = self.model.config.modalities
-        keys = [key for key, (modality, _) in _RAW_KEYS.items() if modality in modalities]
+        keys = [tower.column for name, tower in TOWERS.items() if name in modalities]
         keys += [f"{m}_features" for m in modalities if m in self.model.config.feature_modalities]
         return keys + (["sampling_rate"] if "audio" in modalities else [])
 
@@ -111,7 +111,7 @@ class MultimodalClassificationPipeline(Pipeline):
             if unknown:
                 raise ValueError(f"unknown or unsupported keys {sorted(unknown)}; this model "
                                  f"({', '.join(config.modalities)}) takes {sorted(allowed)}.")
-        present = [key for key in ("text", "image", "audio") if key in samples[0]]
+        present = [tower.column for tower in TOWERS.values() if tower.column in samples[0]]
         feature_keys = [key for key in samples[0] if key.endswith("_features")]
         if not present and not feature_keys:
             raise ValueError(f"a sample holds no modality; give at least one of {sorted(allowed - {'sampling_rate'})}.")

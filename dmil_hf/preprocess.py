@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset, DatasetDict
 
+from .configuration_dmil import TOWERS, column_of
 from .processing_dmil import DmilProcessor
 from .towers import audio_feature_extractor, image_processor, train_text_tokenizer
 
@@ -27,21 +28,17 @@ def image_channels(dataset: Dataset) -> int:
 def build_processor(modalities, train_split: Dataset, pretrained: dict | None = None, text_vocab_size: int = 1000):
     """A `DmilProcessor` for `modalities`: pretrained pre-processors for towers named in `pretrained`
     (modality -> hub id or folder), random-tower presets for the rest; `None` when only feature modalities exist."""
-    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
-
     from .pretrained import resolve_pretrained
 
     pretrained = {modality: resolve_pretrained(source) for modality, source in (pretrained or {}).items()}
-    parts = {}
-    if "text" in modalities:
-        parts["tokenizer"] = (AutoTokenizer.from_pretrained(pretrained["text"]) if "text" in pretrained
-                              else train_text_tokenizer(list(train_split["text"]), vocab_size=text_vocab_size))
-    if "vision" in modalities:
-        parts["image_processor"] = (AutoImageProcessor.from_pretrained(pretrained["vision"]) if "vision" in pretrained
-                                    else image_processor(num_channels=image_channels(train_split)))
-    if "audio" in modalities:
-        parts["feature_extractor"] = (AutoFeatureExtractor.from_pretrained(pretrained["audio"]) if "audio" in pretrained
-                                      else audio_feature_extractor())
+    presets = {
+        "text": lambda: train_text_tokenizer(list(train_split["text"]), vocab_size=text_vocab_size),
+        "vision": lambda: image_processor(num_channels=image_channels(train_split)),
+        "audio": audio_feature_extractor,
+    }
+    parts = {tower.sub_processor: (tower.auto_class.from_pretrained(pretrained[name]) if name in pretrained
+                                   else presets[name]())
+             for name, tower in TOWERS.items() if name in modalities}
     if not parts:
         return None
     channels = image_channels(train_split) if "vision" in modalities and "vision" not in pretrained else None
@@ -61,18 +58,18 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
     """Model-ready columns (`text_input_ids`, `vision_pixel_values`, `audio_input_features`, `<name>_features`,
     `labels`) for the modalities present in `split`; the `interaction` column is dropped (read it from the raw
     split). A modality whose column is missing is left out, so the model treats it as absent."""
-    columns = set(split.column_names)
-    if max_text_length is None and "text" in modalities and "text" in columns:
+    present = [m for m in modalities if column_of(m) in split.column_names]
+    if max_text_length is None and "text" in present:
         max_text_length = min(max(len(ids) for ids in processor.tokenizer(list(split["text"]))["input_ids"]), MAX_TEXT_LENGTH)
-    feature_names = [m for m in modalities if f"{m}_features" in columns]
+    feature_names = [m for m in present if m not in TOWERS]
 
     def encode(batch):
         kwargs = {}
-        if "text" in modalities and "text" in columns:
+        if "text" in present:
             kwargs.update(text=batch["text"], padding="max_length", truncation=True, max_length=max_text_length)
-        if "vision" in modalities and "image" in columns:
+        if "vision" in present:
             kwargs["images"] = [np.asarray(image, dtype=np.uint8) for image in batch["image"]]
-        if "audio" in modalities and "audio" in columns:
+        if "audio" in present:
             rates = set(batch["audio_sampling_rate"])
             if len(rates) != 1:
                 raise ValueError(f"column 'audio_sampling_rate' must be constant within a batch; got {sorted(rates)}.")
@@ -81,7 +78,7 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
         if kwargs:
             out = {k: np.asarray(v) for k, v in processor(**kwargs, return_tensors="np").items()}
         for name in feature_names:
-            out[f"{name}_features"] = np.asarray(batch[f"{name}_features"], dtype=np.float32)
+            out[column_of(name)] = np.asarray(batch[column_of(name)], dtype=np.float32)
         out["labels"] = np.asarray(batch["labels"])
         return out
 

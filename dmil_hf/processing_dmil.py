@@ -1,9 +1,9 @@
-# Travels to the Hub with every checkpoint: imports only the standard library, numpy, torch and transformers.
+# Travels to the Hub with every checkpoint: imports only the standard library, numpy, torch, transformers and its
+# sibling configuration_dmil.py (relatively); scipy (resampling) and soundfile (audio files) only when needed.
 """DMIL processor: one optional tokenizer, image processor and feature extractor, with modality-prefixed outputs."""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import math
@@ -11,21 +11,18 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers import BatchFeature
 from transformers.image_utils import is_pil_image, load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from .configuration_dmil import TOWERS
+
 logger = logging.get_logger(__name__)
 
-# Sub-processor attribute -> (prefix of its outputs, the `__call__` argument it serves, its Auto class).
-_SUB_PROCESSORS = {
-    "tokenizer": ("text", "text", AutoTokenizer),
-    "image_processor": ("vision", "images", AutoImageProcessor),
-    "feature_extractor": ("audio", "audio", AutoFeatureExtractor),
-}
-_TOWER_PREFIXES = frozenset(prefix for prefix, _, _ in _SUB_PROCESSORS.values())
-# Above this many kernel taps the exact polyphase resampler gets too big (rates with a tiny common divisor).
+# Sub-processor attribute -> the tower modality it prepares (its outputs are prefixed by the modality's name).
+_SUB_PROCESSORS = {tower.sub_processor: tower for tower in TOWERS.values()}
+# Above this many filter taps the polyphase resampler gets too big (rates with a tiny common divisor).
 _MAX_RESAMPLE_TAPS = 20_000_000
 
 
@@ -99,18 +96,18 @@ class DmilProcessor(ProcessorMixin):
         processor_dict = processor_dict or {}
         present = processor_dict.get("sub_processors")
         args = []
-        for name, (_, _, auto_class) in _SUB_PROCESSORS.items():
+        for name, tower in _SUB_PROCESSORS.items():
             if present is not None:
                 saved = name in present
             elif name == "tokenizer":  # a processor_config.json without our marker: the tokenizer may be absent
                 try:
-                    args.append(auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs))
+                    args.append(tower.auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs))
                 except (OSError, ValueError):
                     args.append(None)
                 continue
             else:
                 saved = isinstance(processor_dict.get(name), dict)
-            args.append(auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs) if saved else None)
+            args.append(tower.auto_class.from_pretrained(pretrained_model_name_or_path, **kwargs) if saved else None)
         return args
 
     # ---------------------------------------------------------------- the public interface
@@ -120,7 +117,7 @@ class DmilProcessor(ProcessorMixin):
         """The prefixed names this processor can return (named `<name>_features` depend on the call, so are absent)."""
         names = []
         for name in self.get_attributes():
-            prefix = _SUB_PROCESSORS[name][0]
+            prefix = _SUB_PROCESSORS[name].name
             names += [f"{prefix}_{input_name}" for input_name in getattr(self, name).model_input_names]
         return names
 
@@ -153,7 +150,7 @@ class DmilProcessor(ProcessorMixin):
             audio (*optional*): one clip or a list: 1-D float arrays (numpy or torch; integer PCM is scaled to
                 [-1, 1]) or audio file paths (read with `soundfile`). A 2-D array is a batch of equal-length clips.
             sampling_rate (`int`, *optional*): rate of the audio arrays, required with them; file paths carry their
-                own. Clips are resampled to the feature extractor's rate with a windowed-sinc resampler in torch.
+                own. Clips are resampled to the feature extractor's rate with `scipy.signal.resample_poly`.
             features (`dict[str, array-like]`, *optional*): per named feature modality an array `(batch, dim)`
                 (or `(batch, time, dim)`), returned as float32 `<name>_features`.
             return_tensors (`str`, *optional*, defaults to `"pt"`): as for any transformers processor.
@@ -173,10 +170,10 @@ class DmilProcessor(ProcessorMixin):
         if text is None and images is None and audio is None and not features:
             raise ValueError("Nothing to process: pass at least one of text=, images=, audio= or features=.")
         given = {"text": text, "images": images, "audio": audio}
-        for name, (_, argument, _) in _SUB_PROCESSORS.items():
-            if given[argument] is not None and getattr(self, name) is None:
+        for name, tower in _SUB_PROCESSORS.items():
+            if given[tower.processor_argument] is not None and getattr(self, name) is None:
                 raise ValueError(
-                    f"{argument} was given but this processor has no {name.replace('_', ' ')}; it has "
+                    f"{tower.processor_argument} was given but this processor has no {name.replace('_', ' ')}; it has "
                     f"{', '.join(self.get_attributes())}."
                 )
 
@@ -343,8 +340,8 @@ def _read_audio(path) -> tuple[np.ndarray, int]:
 
 
 def _feature_array(name, value) -> np.ndarray:
-    if not isinstance(name, str) or not name.isidentifier() or name in _TOWER_PREFIXES:
-        raise ValueError(f"features key {name!r} must be an identifier other than {sorted(_TOWER_PREFIXES)}.")
+    if not isinstance(name, str) or not name.isidentifier() or name in TOWERS:
+        raise ValueError(f"features key {name!r} must be an identifier other than {sorted(TOWERS)}.")
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().float().numpy()
     try:
@@ -364,42 +361,26 @@ def _feature_array(name, value) -> np.ndarray:
 
 def resample_waveform(waveform: np.ndarray, orig_rate, new_rate) -> np.ndarray:
     """
-    Resamples a 1-D waveform with band-limited (Hann-windowed sinc, 6 zero crossings, roll-off 0.99) polyphase
-    interpolation in torch: the algorithm of `torchaudio.functional.resample`, which agrees with
-    `scipy.signal.resample_poly` up to filter design. Output length is `ceil(len * new_rate / orig_rate)`.
-    Rates whose ratio needs an impractically large filter fall back to linear interpolation (with a warning).
+    Resamples a 1-D waveform with `scipy.signal.resample_poly` (band-limited polyphase filtering, Kaiser-windowed
+    FIR); the output has `ceil(len * new_rate / orig_rate)` float32 samples. Rates whose ratio needs an impractically
+    large filter (a tiny common divisor) fall back to linear interpolation, with a warning.
     """
     orig_rate, new_rate = _integer_rate(orig_rate), _integer_rate(new_rate)
     if orig_rate == new_rate:
         return waveform
     divisor = math.gcd(orig_rate, new_rate)
-    orig, new = orig_rate // divisor, new_rate // divisor
-    length = waveform.shape[-1]
-    target_length = math.ceil(new * length / orig)
-    signal = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float64))
-    kernel_width = math.ceil(6 * orig / (0.99 * min(orig, new)))
-    if new * (2 * kernel_width + orig) > _MAX_RESAMPLE_TAPS:
+    up, down = new_rate // divisor, orig_rate // divisor
+    if 20 * max(up, down) + 1 > _MAX_RESAMPLE_TAPS:  # resample_poly's filter: 10 zero crossings per side
         logger.warning(f"Resampling {orig_rate} Hz -> {new_rate} Hz with linear interpolation (no anti-aliasing).")
-        out = torch.nn.functional.interpolate(signal[None, None], size=target_length, mode="linear")
-        return out.reshape(-1).numpy().astype(np.float32)
-    kernel, width = _sinc_kernel(orig, new)
-    padded = torch.nn.functional.pad(signal[None, None], (width, width + orig))
-    # Each of the `new` output phases is one row of the kernel; stride `orig` walks the input.
-    out = torch.nn.functional.conv1d(padded, kernel, stride=orig)  # (1, new, frames)
-    return out[0].transpose(0, 1).reshape(-1)[:target_length].numpy().astype(np.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, zero_crossings: int = 6, rolloff: float = 0.99):
-    cutoff = min(orig, new) * rolloff  # low-pass below the lower Nyquist rate
-    width = math.ceil(zero_crossings * orig / cutoff)
-    positions = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    phases = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new
-    t = ((phases + positions) * cutoff).clamp(-zero_crossings, zero_crossings)
-    window = torch.cos(t * math.pi / zero_crossings / 2) ** 2
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    return sinc * window * (cutoff / orig), width
+        wave = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float64))[None, None]
+        size = math.ceil(up * waveform.shape[-1] / down)
+        return torch.nn.functional.interpolate(wave, size=size, mode="linear").reshape(-1).numpy().astype(np.float32)
+    try:
+        signal = importlib.import_module("scipy.signal")  # optional on the Hub: only resampling needs it
+    except ImportError as error:
+        raise ValueError(f"resampling audio from {orig_rate} Hz to {new_rate} Hz needs scipy "
+                         f"(scipy.signal.resample_poly); install it or pass audio at {new_rate} Hz.") from error
+    return signal.resample_poly(waveform, up, down).astype(np.float32)
 
 
 def _integer_rate(rate) -> int:

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dmil_hf import DmilConfig  # noqa: E402
+from dmil_hf.configuration_dmil import TOWER_MODALITIES  # noqa: E402
 from dmil_hf.towers import audio_tower_config, text_tower_config, vision_tower_config  # noqa: E402
 
 VOCAB = 50
@@ -18,7 +19,7 @@ COMBINATIONS = {
     "text+vision": ("text", "vision"),
     "vision+audio": ("vision", "audio"),
     "text+audio": ("text", "audio"),
-    "text+vision+audio": ("text", "vision", "audio"),
+    "text+vision+audio": TOWER_MODALITIES,
     "two features": ("alpha", "beta"),
 }
 FEATURE_DIMS = {"alpha": 6, "beta": 4}
@@ -74,4 +75,4 @@ def tester(request):
 
 @pytest.fixture
 def trimodal():
-    return ModelTester(("text", "vision", "audio"))
+    return ModelTester(TOWER_MODALITIES)

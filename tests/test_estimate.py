@@ -8,6 +8,7 @@ import pytest
 from datasets import Dataset
 
 from dmil_hf.cli import main
+from dmil_hf.configuration_dmil import TOWER_MODALITIES
 from dmil_hf.data import make_synthetic
 from dmil_hf.interactions.dataset import log_mel_summary, modality_arrays, modality_arrays_with_info
 
@@ -151,7 +152,7 @@ def test_default_representations_of_text_image_audio():
         "x_features": rng.normal(size=(n, 3)).tolist(),
         "labels": rng.integers(0, 2, n).tolist(),
     })
-    arrays, info = modality_arrays_with_info(split, ["text", "vision", "audio", "x"], dims=8)
+    arrays, info = modality_arrays_with_info(split, [*TOWER_MODALITIES, "x"], dims=8)
     assert arrays["text"].shape == arrays["vision"].shape == arrays["audio"].shape == (n, 8)
     assert arrays["x"].shape == (n, 3)
     assert all(np.isfinite(a).all() for a in arrays.values())

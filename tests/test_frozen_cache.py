@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from dmil_hf import DmilConfig, DmilForMultimodalClassification
+from dmil_hf.configuration_dmil import TOWER_MODALITIES as MODALITIES
 from dmil_hf.cli import main
 from dmil_hf.embedding_cache import cache_tower_embeddings
 from dmil_hf.experiment import predict
@@ -16,8 +17,6 @@ from dmil_hf.interactions import make_compute_metrics
 from dmil_hf.training import apply_lora, train_staged
 
 from conftest import ModelTester
-
-MODALITIES = ("text", "vision", "audio")
 
 
 def rows(tester, n=32, seed=0):

@@ -13,6 +13,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, BertMode
 
 import dmil_hf
 from dmil_hf import DmilConfig, DmilForMultimodalClassification, DmilModel
+from dmil_hf.configuration_dmil import TOWER_MODALITIES
 from dmil_hf.towers import text_tower_config
 
 from conftest import FEATURE_DIMS, ModelTester
@@ -139,7 +140,7 @@ def test_hub_files_import_only_allowed_modules(name):
         assert set(roots) <= allowed, f"{name} imports {roots}"
 
 
-@pytest.mark.parametrize("absent", ["text", "vision", "audio"])
+@pytest.mark.parametrize("absent", TOWER_MODALITIES)
 def test_missing_modality_each(trimodal, absent):
     model = DmilForMultimodalClassification(trimodal.config()).eval()
     inputs = {k: v for k, v in trimodal.inputs().items() if not k.startswith(f"{absent}_")}

@@ -6,6 +6,7 @@ import torch
 from transformers import pipeline
 
 from dmil_hf import DmilForMultimodalClassification, DmilProcessor
+from dmil_hf.configuration_dmil import TOWER_MODALITIES
 from dmil_hf.pipeline import TASK, MultimodalClassificationPipeline, register_pipeline
 from dmil_hf.towers import audio_feature_extractor, image_processor, train_text_tokenizer
 
@@ -34,7 +35,7 @@ def classifier(tmp_path_factory):
     register_pipeline()
     path = tmp_path_factory.mktemp("trimodal")
     torch.manual_seed(0)
-    config = ModelTester(("text", "vision", "audio")).config()
+    config = ModelTester(TOWER_MODALITIES).config()
     config.id2label, config.label2id = LABELS, {v: k for k, v in LABELS.items()}
     DmilForMultimodalClassification(config).save_pretrained(path)
     tokenizer = train_text_tokenizer(["a cat sat on the mat", "the dog barks", "a bird sings"] * 5, vocab_size=VOCAB)

@@ -152,15 +152,14 @@ def test_resampler_is_band_limited_and_matches_scipy():
         out = resample_waveform(wave, orig, new)
         assert out.shape == (new,) and out.dtype == np.float32
         exact = np.sin(2 * np.pi * 440 * np.arange(new) / new)
-        assert np.abs(out - exact)[200:-200].max() < 1e-3
+        assert np.abs(out - exact)[200:-200].max() < 2e-3  # resample_poly's Kaiser(5) filter ripples ~1.5e-3
     # Above the new Nyquist rate a tone must be filtered out, not aliased.
     high = np.sin(2 * np.pi * 6000 * np.arange(16000) / 16000)
     assert np.abs(resample_waveform(high, 16000, 8000))[200:-200].max() < 0.05
     signal = pytest.importorskip("scipy.signal")
     noise = np.random.default_rng(4).standard_normal(4410)
     ours = resample_waveform(noise, 44100, 16000)
-    theirs = signal.resample_poly(noise, 160, 441)
-    assert np.corrcoef(ours[100:-100], theirs[100:-100])[0, 1] > 0.99
+    np.testing.assert_array_equal(ours, signal.resample_poly(noise, 160, 441).astype(np.float32))
 
 
 def test_audio_file_without_soundfile_is_a_clear_error(wav2vec2, tmp_path, monkeypatch):
@@ -309,7 +308,8 @@ def test_hub_file_imports_only_stdlib_numpy_torch_transformers():
         elif isinstance(node, ast.ImportFrom):
             roots = [] if node.level else [node.module.split(".")[0]]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
-            assert [arg.value for arg in node.args] == ["soundfile"]  # the one optional, guarded import
+            # the optional, guarded imports: soundfile for audio files, scipy for resampling
+            assert [arg.value for arg in node.args] in (["soundfile"], ["scipy.signal"])
             continue
         else:
             continue

@@ -40,6 +40,7 @@ from transformers import (
 
 from dmil_hf import METHODS as REGISTERED_METHODS
 from dmil_hf import DmilConfig, DmilForMultimodalClassification, DmilModel, build_model
+from dmil_hf.configuration_dmil import TOWER_MODALITIES
 from dmil_hf.modeling_dmil import DmilClassifierOutput, DmilGaussianBottleneck
 from dmil_hf.processing_dmil import DmilProcessor
 from dmil_hf.towers import text_tower_config
@@ -233,7 +234,7 @@ def test_config_default_construction_is_valid_but_empty():
         build_model("joint", DmilConfig())
 
 
-@pytest.mark.parametrize("make", [DmilConfig, lambda: ModelTester(("text", "vision", "audio", "alpha")).config(),
+@pytest.mark.parametrize("make", [DmilConfig, lambda: ModelTester((*TOWER_MODALITIES, "alpha")).config(),
                                   lambda: build_model("i2moe", ModelTester(("alpha", "beta")).config()).config],
                          ids=["default", "towers+features", "i2moe"])
 def test_config_dict_round_trips(make):
@@ -389,7 +390,7 @@ def test_plain_trainer_on_processor_outputs_text_image_audio(tmp_path):
     batch = processor(text=texts, images=images, audio=clips, sampling_rate=16000)
     columns = {key: value.tolist() for key, value in batch.items()}
     dataset = Dataset.from_dict({**columns, "label": [i % 3 for i in range(n)]})
-    tester = ModelTester(("text", "vision", "audio"))
+    tester = ModelTester(TOWER_MODALITIES)
     config = tester.config()
     config.text_config.vocab_size = VOCAB
     torch.manual_seed(0)

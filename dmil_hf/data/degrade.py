@@ -16,13 +16,14 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Image
 from PIL import Image as PILImage
 
-from .schema import TOWER_COLUMNS, inspect_dataset
+from ..configuration_dmil import TOWERS, column_of
+from .schema import inspect_dataset
 
 MODES = ("noise", "missing")
 
 
 def _column(dataset: Dataset, modality: str) -> str:
-    column = TOWER_COLUMNS.get(modality, f"{modality}_features")
+    column = column_of(modality)
     if column not in dataset.column_names:
         raise ValueError(f"modality {modality!r} (column {column!r}) is not in this split; its columns are "
                          f"{dataset.column_names}.")
@@ -66,11 +67,12 @@ def degrade_split(dataset: Dataset, modality: str, mode: str, seed: int = 0) -> 
         raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
     column = _column(dataset, modality)
     if mode == "missing":
-        return dataset.remove_columns([column] + (["audio_sampling_rate"] if column == "audio" else []))
+        rate_column = TOWERS[modality].rate_column if modality in TOWERS else None
+        return dataset.remove_columns([column] + ([rate_column] if rate_column else []))
     vocabulary = mean = std = None
     if column == "text":
         vocabulary = sorted({word for text in dataset["text"] for word in text.split()}) or ["_"]
-    elif column.endswith("_features"):
+    elif modality not in TOWERS:
         values = np.asarray(dataset[column], dtype=np.float64)
         mean, std = values.mean(0), values.std(0)
     if isinstance(dataset.features[column], Image) and not dataset.features[column].decode:

@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 from datasets import DatasetDict
 
+from ..configuration_dmil import TOWER_MODALITIES
 from ..pretrained import cache_root
+from ..processing_dmil import resample_waveform
 from ._build import assemble, mixture_shares, split_sizes, type_sequence
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -116,7 +118,6 @@ def synthesize_clips(voices, cache_dir=None, workers: int = 4) -> dict:
     """(word index, voice) -> trimmed, peak-normalised (0.5) float32 clip at 16 kHz; synthesises missing clips with
     espeak-ng into `cache_dir` (default `~/.cache/dmil_hf/espeak`, or `$DMIL_HF_CACHE/espeak`)."""
     import soundfile
-    from scipy.signal import resample_poly
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wanted = {(i, v): _clip_path(cache_dir, w, v) for (i, w), v in product(enumerate(DIGIT_WORDS), voices)}
@@ -135,9 +136,7 @@ def synthesize_clips(voices, cache_dir=None, workers: int = 4) -> dict:
     for key, path in wanted.items():
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         data = data.mean(1)
-        if rate != SAMPLING_RATE:
-            divisor = np.gcd(int(rate), SAMPLING_RATE)
-            data = resample_poly(data, SAMPLING_RATE // divisor, int(rate) // divisor).astype(np.float32)
+        data = resample_waveform(data, rate, SAMPLING_RATE)
         loud = np.flatnonzero(np.abs(data) > 0.02 * np.abs(data).max())
         data = data[max(0, loud[0] - 160): loud[-1] + 160] if loud.size else data
         clips[key] = (0.5 * data / max(np.abs(data).max(), 1e-6)).astype(np.float32)
@@ -159,7 +158,7 @@ def _symbols(kind: str, y: int, u: int) -> dict:
     return {**blank, carrier: digit}
 
 
-def symbolic_bayes_accuracy(shares: dict, present=("text", "vision", "audio")) -> dict:
+def symbolic_bayes_accuracy(shares: dict, present=TOWER_MODALITIES) -> dict:
     """Exact Bayes accuracy per type and overall when only the modalities in `present` are seen (ties split)."""
     states = [(k, y, u) for k in INTERACTION_TYPES if shares[k] > 0 for y in range(10) for u in range(10)]
     key = {s: tuple(_symbols(*s)[m] for m in present) for s in states}
@@ -274,9 +273,9 @@ def make_digits(num_samples: int = 4000, seed: int = 0, cache_dir=None, mixture:
                          "labels": np.array([s["label"] for s in plan], dtype=np.int64),
                          "interaction": [s["interaction"] for s in plan]}
     degraded = {}
-    for m in ("text", "vision", "audio"):
+    for m in TOWER_MODALITIES:
         degraded[f"missing_{m}"] = degraded[f"noise_{m}"] = symbolic_bayes_accuracy(
-            shares, tuple(x for x in ("text", "vision", "audio") if x != m))
+            shares, tuple(x for x in TOWER_MODALITIES if x != m))
     metadata = {
         "name": "digits",
         "builder_kwargs": {"num_samples": int(num_samples), "seed": seed, "mixture": shares, "noise": float(noise),

@@ -20,11 +20,15 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Image, LargeList, List, Value, load_from_disk
 from datasets.features import Array2D, Array3D
 
+from ..configuration_dmil import FEATURES, TOWERS, column_of
 from ._build import SPLITS, metadata_of
 
-TOWER_COLUMNS = {"text": "text", "vision": "image", "audio": "audio"}
-RESERVED_NAMES = frozenset(TOWER_COLUMNS)
-EXPECTED_COLUMNS = "labels, interaction, text, image, audio (+audio_sampling_rate), <name>_features"
+_TOWER_COLUMNS = [tower.column for tower in TOWERS.values()]
+_RATE_COLUMNS = {tower.column: tower.rate_column for tower in TOWERS.values() if tower.rate_column}
+_SUFFIX = f"_{FEATURES}"
+_EXPECTED_COLUMNS = ", ".join(["labels", "interaction"]
+                              + [t.column + (f" (+{t.rate_column})" if t.rate_column else "") for t in TOWERS.values()]
+                              + [f"<name>{_SUFFIX}"])
 BUILTIN_DATASETS = ("synthetic", "digits")
 
 
@@ -44,17 +48,7 @@ class DatasetSchema:
         """The column holding `modality`: text -> text, vision -> image, audio -> audio, <name> -> <name>_features."""
         if modality not in self.modalities:
             raise ValueError(f"modality {modality!r} is not in this dataset; it has {list(self.modalities)}.")
-        return TOWER_COLUMNS.get(modality, f"{modality}_features")
-
-
-def modality_of_column(column: str) -> str | None:
-    """The modality a column holds, or None for labels/interaction/audio_sampling_rate and unknown columns."""
-    for modality, name in TOWER_COLUMNS.items():
-        if column == name:
-            return modality
-    if column.endswith("_features"):
-        return column[: -len("_features")]
-    return None
+        return column_of(modality)
 
 
 def _is_int(feature) -> bool:
@@ -183,22 +177,23 @@ def inspect_dataset(dsd) -> DatasetSchema:
             raise ValueError(f"split {name!r} has columns {sorted(dsd[name].column_names)} but split 'train' has "
                              f"{sorted(columns)}; every split needs the same columns.")
     for column in columns:
-        if column in ("labels", "interaction", "audio_sampling_rate") or column in TOWER_COLUMNS.values():
+        if column in ("labels", "interaction", *_RATE_COLUMNS.values(), *_TOWER_COLUMNS):
             continue
-        feature_name = column[: -len("_features")] if column.endswith("_features") else None
+        feature_name = column[: -len(_SUFFIX)] if column.endswith(_SUFFIX) else None
         if feature_name is None:
-            raise ValueError(f"column {column!r} is not recognised; expected one of: {EXPECTED_COLUMNS}.")
-        if not feature_name.isidentifier() or feature_name in RESERVED_NAMES:
+            raise ValueError(f"column {column!r} is not recognised; expected one of: {_EXPECTED_COLUMNS}.")
+        if not feature_name.isidentifier() or feature_name in TOWERS:
             raise ValueError(f"column {column!r}: a feature modality name must be a Python identifier other than "
-                             f"{sorted(RESERVED_NAMES)} (use the text/image/audio columns for those).")
+                             f"{sorted(TOWERS)} (use the {'/'.join(_TOWER_COLUMNS)} columns for those).")
     if "labels" not in columns:
         raise ValueError(f"column 'labels' is missing (columns: {columns}); add integer class ids as 'labels'.")
-    if "audio" in columns and "audio_sampling_rate" not in columns:
-        raise ValueError("column 'audio' needs a column 'audio_sampling_rate' (int Hz per row).")
-    if "audio_sampling_rate" in columns and "audio" not in columns:
-        raise ValueError("column 'audio_sampling_rate' is present without a column 'audio'.")
-    modalities = [m for m in TOWER_COLUMNS if TOWER_COLUMNS[m] in columns]
-    modalities += [c[: -len("_features")] for c in columns if c.endswith("_features")]
+    for column, rate_column in _RATE_COLUMNS.items():
+        if column in columns and rate_column not in columns:
+            raise ValueError(f"column {column!r} needs a column {rate_column!r} (int Hz per row).")
+        if rate_column in columns and column not in columns:
+            raise ValueError(f"column {rate_column!r} is present without a column {column!r}.")
+    modalities = [m for m, tower in TOWERS.items() if tower.column in columns]
+    modalities += [c[: -len(_SUFFIX)] for c in columns if c.endswith(_SUFFIX)]
     if len(modalities) < 2:
         raise ValueError(f"a multimodal dataset needs at least two modality columns; found {modalities or 'none'} "
                          f"(columns: {columns}). Modality columns: text, image, audio, <name>_features.")
@@ -209,8 +204,8 @@ def inspect_dataset(dsd) -> DatasetSchema:
         _check_types(split_name, split, columns)
         if "audio_sampling_rate" in columns and pc.min(_arrow_column(split, "audio_sampling_rate")).as_py() <= 0:
             raise ValueError(f"column 'audio_sampling_rate' in split {split_name!r} has non-positive rates.")
-        for m in (m for m in modalities if m not in TOWER_COLUMNS):
-            width = _feature_width(split_name, split, f"{m}_features")
+        for m in (m for m in modalities if m not in TOWERS):
+            width = _feature_width(split_name, split, column_of(m))
             if feature_dims.setdefault(m, width) != width:
                 raise ValueError(f"column '{m}_features' is {width} wide in split {split_name!r} but {feature_dims[m]} "
                                  "wide in split 'train'; feature widths must agree across splits.")
@@ -297,5 +292,4 @@ def dataset_metadata(dsd) -> dict:
     return metadata_of(dsd) if isinstance(dsd, Dataset) else {}
 
 
-__all__ = ["DatasetSchema", "dataset_metadata", "inspect_dataset", "load_dataset_from_name_or_path",
-           "modality_of_column"]
+__all__ = ["DatasetSchema", "dataset_metadata", "inspect_dataset", "load_dataset_from_name_or_path"]

@@ -6,8 +6,9 @@ Two representations:
 - **defaults** (no model): `<name>_features` columns as they are; `text`: TF-IDF (scikit-learn `TfidfVectorizer`,
   word unigrams and bigrams) reduced to `dims` dimensions with `TruncatedSVD`; `image`: pixels scaled to [0, 1],
   flattened (images of different sizes are resized to a common size) and reduced with `PCA`; `audio`: log mel-band
-  energies (short-time Fourier transform, 40 rectangular mel-spaced bands up to the Nyquist frequency), mean and
-  standard deviation over frames, reduced with `PCA`. The reductions are unsupervised and fitted on the split itself.
+  energies (`transformers.audio_utils.spectrogram`, 40 rectangular bands on the HTK mel scale up to the Nyquist
+  frequency), mean and standard deviation over frames, reduced with `PCA`. The reductions are unsupervised and
+  fitted on the split itself.
 - **model** (`model=`): a trained DMIL (or baseline) model's projected tower embeddings, `model.base_model.encoders`
   on the split encoded by [`encode_split`] with the model's processor, shape `(N, hidden_size)` per modality. Modalities
   the model does not have fall back to the defaults.
@@ -18,16 +19,14 @@ Two representations:
 from __future__ import annotations
 
 import numpy as np
+from transformers.audio_utils import hertz_to_mel, spectrogram, window_function
+
+from ..configuration_dmil import TOWERS, column_of
 
 DEFAULT_DIMS = 32
 MEL_BANDS = 40
 FRAME_SECONDS = 0.025
 HOP_SECONDS = 0.010
-TOWER_COLUMNS = {"text": "text", "vision": "image", "audio": "audio"}
-
-
-def _column(modality: str) -> str:
-    return TOWER_COLUMNS.get(modality, f"{modality}_features")
 
 
 def _reduce(matrix: np.ndarray, dims: int, seed: int, sparse: bool = False) -> tuple[np.ndarray, int]:
@@ -115,28 +114,23 @@ def image_matrix(images, dims: int = DEFAULT_DIMS, seed: int = 0, max_side: int 
     return matrix, f"pixels/{top:g} ({shape}{note}) -> PCA {width} dims"
 
 
-def _mel(hz):
-    return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
-
-
 def log_mel_summary(waveform, sampling_rate: int, bands: int = MEL_BANDS) -> np.ndarray:
     """Mean and standard deviation over frames of log mel-band energies (25 ms Hann frames, 10 ms hop, `bands`
-    rectangular bands equally spaced on the mel scale up to the Nyquist frequency): a vector of `2 * bands`."""
+    rectangular bands equally spaced on the HTK mel scale up to the Nyquist frequency): a vector of `2 * bands`.
+    The power spectrogram is `transformers.audio_utils.spectrogram`'s, with a filter bank that sums each FFT bin's
+    power into its band."""
     wave = np.asarray(waveform, dtype=np.float64).reshape(-1)
     frame = max(16, int(round(FRAME_SECONDS * sampling_rate)))
     hop = max(1, int(round(HOP_SECONDS * sampling_rate)))
     if len(wave) < frame:
         wave = np.pad(wave, (0, frame - len(wave)))
-    count = 1 + (len(wave) - frame) // hop
-    frames = np.lib.stride_tricks.sliding_window_view(wave, frame)[::hop][:count] * np.hanning(frame)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, frame // 2 + 1)
-    freqs = np.fft.rfftfreq(frame, 1.0 / sampling_rate)
-    edges = np.linspace(0.0, _mel(sampling_rate / 2.0), bands + 1)
-    band = np.clip(np.searchsorted(edges, _mel(freqs), side="right") - 1, 0, bands - 1)
-    energy = np.zeros((len(power), bands))
-    np.add.at(energy.T, band, power.T)  # sum each FFT bin's power into its band
+    edges = np.linspace(0.0, hertz_to_mel(sampling_rate / 2.0, "htk"), bands + 1)
+    bins = hertz_to_mel(np.fft.rfftfreq(frame, 1.0 / sampling_rate), "htk")
+    band = np.clip(np.searchsorted(edges, bins, side="right") - 1, 0, bands - 1)
+    energy = spectrogram(wave, window_function(frame, "hann", periodic=False), frame, hop, power=2.0, center=False,
+                         mel_filters=np.eye(bands)[band], mel_floor=0.0, dtype=np.float64)  # (bands, frames)
     logs = np.log(energy + 1e-10)
-    return np.concatenate([logs.mean(axis=0), logs.std(axis=0)])
+    return np.concatenate([logs.mean(axis=1), logs.std(axis=1)])
 
 
 def audio_matrix(waveforms, sampling_rates, dims: int = DEFAULT_DIMS, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -149,7 +143,7 @@ def audio_matrix(waveforms, sampling_rates, dims: int = DEFAULT_DIMS, seed: int 
 
 def default_matrix(split, modality: str, dims: int = DEFAULT_DIMS, seed: int = 0) -> tuple[np.ndarray, str]:
     """The default representation of one modality of `split` (see the module docstring): (matrix, description)."""
-    column = _column(modality)
+    column = column_of(modality)
     if column not in split.column_names:
         raise ValueError(f"modality {modality!r} has no column {column!r} in the split; it has {split.column_names}.")
     if modality == "text":
@@ -173,8 +167,8 @@ def model_embeddings(split, modalities, model, processor=None, batch_size: int =
     unknown = [m for m in modalities if m not in order]
     if unknown:
         raise ValueError(f"the model has no modalities {unknown}; it has {order}.")
-    if processor is None and any(m in TOWER_COLUMNS for m in modalities):
-        raise ValueError(f"modalities {[m for m in modalities if m in TOWER_COLUMNS]} need the model's processor "
+    if processor is None and any(m in TOWERS for m in modalities):
+        raise ValueError(f"modalities {[m for m in modalities if m in TOWERS]} need the model's processor "
                          "(tokenizer / image processor / feature extractor); pass processor=.")
     encoded = encode_split(split, processor, list(modalities))
     columns = [c for c in encoded.column_names if c != "labels"]
