@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .configuration_dmil import TOWERS
 from .methods import METHODS
 from .run_settings import RunSettings
 
@@ -91,7 +92,7 @@ def check_freeze_towers(settings: RunSettings, modalities) -> None:
     if unknown:
         raise ValueError(f"--freeze-towers names {unknown}, which the dataset does not have (its modalities are "
                          f"{list(modalities)}).")
-    towers = [m for m in modalities if m in ("text", "vision", "audio")]
+    towers = [m for m in modalities if m in TOWERS]
     if settings.lora and towers and all(m in frozen for m in towers):
         raise ValueError(f"--lora adapts the transformer towers that are not frozen, but --freeze-towers freezes all "
                          f"of them ({frozen}); freeze fewer towers or drop --lora.")
@@ -296,7 +297,7 @@ def build_config(settings: RunSettings, schema, processor):
     from . import DmilConfig
     from .towers import tower_configs
 
-    tower_modalities = [m for m in schema.modalities if m in ("text", "vision", "audio")]
+    tower_modalities = [m for m in schema.modalities if m in TOWERS]
     pretrained = settings.pretrained
     random_towers = [m for m in tower_modalities if m not in pretrained]
     vocab = len(processor.tokenizer) if processor is not None and "text" in random_towers else 1000

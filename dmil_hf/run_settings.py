@@ -19,6 +19,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser
 
+from .configuration_dmil import TOWER_MODALITIES
 from .methods import METHODS
 
 
@@ -53,7 +54,7 @@ def _three_stages(option: str, help: str) -> dict:
 
 
 def _pretrained_from_args(args) -> dict:
-    return {m: getattr(args, f"{m}_model") for m in ("text", "vision", "audio") if getattr(args, f"{m}_model")}
+    return {m: getattr(args, f"{m}_model") for m in TOWER_MODALITIES if getattr(args, f"{m}_model")}
 
 
 _PRETRAINED_HELP = ("pretrained {modality} tower: hub id or local folder (replaces the random one); offline aliases "
@@ -76,7 +77,7 @@ class RunSettings:
     pretrained: dict = field(default_factory=dict, metadata={
         "help": "modality -> hub id or local folder of a pretrained tower", "from_args": _pretrained_from_args,
         "options": {f"--{modality}-model": dict(default=None, help=_PRETRAINED_HELP.format(modality=modality))
-                    for modality in ("text", "vision", "audio")}})
+                    for modality in TOWER_MODALITIES}})
     stage_epochs: tuple | None = field(default=None, metadata=_three_stages(
         "--stage-epochs", "DMIL epochs per stage (None: the config's presets; 0 skips a stage)"))
     stage_learning_rates: tuple | None = field(default=None, metadata=_three_stages(

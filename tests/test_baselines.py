@@ -20,6 +20,7 @@ from dmil_hf import (
     DmilI2moeForMultimodalClassification,
     build_model,
 )
+from dmil_hf.configuration_dmil import TOWER_MODALITIES
 
 from conftest import COMBINATIONS, ModelTester
 
@@ -155,7 +156,7 @@ def test_ensemble_tower_gradients_ignore_the_other_modality():
 
 # --- I2MoE ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("absent", ["text", "vision", "audio"])
+@pytest.mark.parametrize("absent", TOWER_MODALITIES)
 def test_i2moe_weights_sum_to_one_and_drop_absent_components(trimodal, absent):
     model = build_model("i2moe", trimodal.config()).eval()
     inputs = {k: v for k, v in trimodal.inputs().items() if not k.startswith(f"{absent}_")}

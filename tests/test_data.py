@@ -342,3 +342,18 @@ def test_degraded_pil_images():
     noisy = degrade_split(split, "vision", "noise")
     assert isinstance(noisy.features["image"], Image)
     assert noisy[0]["image"].mode == "L" and noisy[0]["image"].size == (5, 7)
+
+
+def test_a_dataset_is_inspected_once_until_it_changes(tmp_path, monkeypatch):
+    import dmil_hf.data.schema as schema_module
+
+    calls = []
+    inspect = schema_module._inspect
+    monkeypatch.setattr(schema_module, "_inspect", lambda dsd: calls.append(1) or inspect(dsd))
+    monkeypatch.setattr(schema_module, "_INSPECTED", {})  # earlier tests inspected the same columns
+    dsd = dsd_of(valid_columns())
+    dsd.save_to_disk(tmp_path / "dsd")
+    loaded = load_dataset_from_name_or_path(tmp_path / "dsd")  # loading validates ...
+    assert inspect_dataset(loaded) == inspect_dataset(loaded) and len(calls) == 1  # ... and training reuses it
+    changed = DatasetDict({name: split.map(lambda row: {"labels": row["labels"] % 2}) for name, split in loaded.items()})
+    assert inspect_dataset(changed).num_labels == 2 and len(calls) == 2  # a transform changes the fingerprints

@@ -24,6 +24,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     from transformers import AutoProcessor
 
+    from ..configuration_dmil import TOWERS
     from ..data import inspect_dataset, load_dataset_from_name_or_path
     from ..experiment import evaluate_model
     from ..loading import load_model
@@ -48,7 +49,7 @@ def run(args) -> int:
         notes.append(f"the dataset's modalities {ignored} are not the model's: ignored")
     for note in notes:
         print(f"dmil evaluate: warning: {note}.", file=sys.stderr)
-    needs_processor = any(m in ("text", "vision", "audio") for m in shared)
+    needs_processor = any(m in TOWERS for m in shared)
     processor = AutoProcessor.from_pretrained(args.model) if needs_processor else None
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset

@@ -7,10 +7,12 @@ import json
 
 
 def add_parser(subparsers):
+    from ..configuration_dmil import TOWER_MODALITIES
+
     p = subparsers.add_parser("profile", help="time the DMIL head against the towers, or a training step against "
                                               "the baselines (random weights)")
     p.add_argument("--towers", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
-    p.add_argument("--modalities", nargs="+", default=["text", "vision", "audio"], choices=["text", "vision", "audio"])
+    p.add_argument("--modalities", nargs="+", default=list(TOWER_MODALITIES), choices=list(TOWER_MODALITIES))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions (with --train-step: steps per method)")
     p.add_argument("--device", default=None)

@@ -161,9 +161,28 @@ def _check_labels(dsd: DatasetDict) -> tuple[int, tuple | None]:
     return num_labels, names
 
 
+# The schemas of the last datasets inspected, by their splits' fingerprints (which `datasets` changes with every
+# transform): loading a dataset and then training or evaluating on it checks it once.
+_INSPECTED: dict[tuple, DatasetSchema] = {}
+_INSPECTED_KEPT = 8
+
+
 def inspect_dataset(dsd) -> DatasetSchema:
     """Validate `dsd` against the schema (see the module docstring) and describe it; raises ValueError naming the
-    offending split or column."""
+    offending split or column. A dataset already inspected (same splits, same fingerprints) is not read again."""
+    key = tuple((name, getattr(split, "_fingerprint", None)) for name, split in dsd.items()) \
+        if isinstance(dsd, DatasetDict) else None
+    if key is not None and all(fingerprint for _, fingerprint in key) and key in _INSPECTED:
+        return _INSPECTED[key]
+    schema = _inspect(dsd)
+    if key is not None and all(fingerprint for _, fingerprint in key):
+        _INSPECTED[key] = schema
+        while len(_INSPECTED) > _INSPECTED_KEPT:
+            _INSPECTED.pop(next(iter(_INSPECTED)))
+    return schema
+
+
+def _inspect(dsd) -> DatasetSchema:
     if not isinstance(dsd, DatasetDict):
         raise ValueError(f"expected a datasets.DatasetDict with splits {list(SPLITS)}; got {type(dsd).__name__}.")
     missing, extra = [s for s in SPLITS if s not in dsd], sorted(set(dsd) - set(SPLITS))

@@ -13,6 +13,7 @@ import math
 from importlib.resources import files
 from pathlib import Path
 
+from ..configuration_dmil import TOWER_MODALITIES, TOWERS
 from ..methods import METHODS, method_of
 from ._common import HUB_ID
 
@@ -188,14 +189,17 @@ def _example_inputs(config, processor: dict | None) -> dict:
     processor can read."""
     parts = set((processor or {}).get("sub_processors") or ())
     examples = {}
-    if "text" in config.modalities and "tokenizer" in parts:
+    def readable(modality):
+        return modality in config.modalities and TOWERS[modality].sub_processor in parts
+
+    if readable("text"):
         examples["text"] = '"an example sentence"'
-    if "vision" in config.modalities and "image_processor" in parts:
+    if readable("vision"):
         size = getattr(config.vision_config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         examples["image"] = f"np.zeros(({size}, {size}, 3), dtype=np.uint8)"
-    if "audio" in config.modalities and "feature_extractor" in parts:
-        rate = (processor.get("feature_extractor") or {}).get("sampling_rate", 16000)
+    if readable("audio"):
+        rate = (processor.get(TOWERS["audio"].sub_processor) or {}).get("sampling_rate", 16000)
         examples["audio"] = f"np.zeros({rate}, dtype=np.float32)"
         examples["sampling_rate"] = str(rate)
     return examples
@@ -205,14 +209,13 @@ def _tensor_examples(config, examples: dict) -> list[tuple[str, str]]:
     """`(input name, torch expression)` for the modalities the processor does not cover, built from the config."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    covered = {"text": "text", "vision": "image", "audio": "audio"}
     tensors = []
     for modality in config.modalities:
         sub = config.tower_config(modality)
         if sub is None:
             tensors.append((f"{modality}_features", f"torch.zeros(1, {config.feature_modalities[modality]})"))
             continue
-        if covered[modality] in examples:
+        if TOWERS[modality].column in examples:
             continue
         main = getattr(MODEL_MAPPING[type(sub)], "main_input_name", None) if type(sub) in MODEL_MAPPING else None
         if main == "input_ids":
@@ -344,7 +347,7 @@ def render_model_card(model_dir, metrics=None, interaction_profile=None, repo_id
     primary, eval_results = evaluation["primary_metric"], evaluation.pop("eval_results")
     dataset = str((metrics or {}).get("dataset") or "") or None
 
-    tags = list(CARD_TAGS) + [m for m in ("text", "vision", "audio") if m in config.modalities]
+    tags = list(CARD_TAGS) + [m for m in TOWER_MODALITIES if m in config.modalities]
     if config.feature_modalities:
         tags.append("precomputed-features")
     if method.name != "dmil":

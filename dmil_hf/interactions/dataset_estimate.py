@@ -29,6 +29,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ..configuration_dmil import TOWERS
+
 logger = logging.getLogger(__name__)
 
 
@@ -142,7 +144,7 @@ def estimate_dataset(dataset: str, output: str | Path, *, split: str = "test", m
         from ..loading import load_model
 
         model = load_model(model_dir, allow_pickle=allow_pickle)
-        if any(m in ("text", "vision", "audio") and m in model.config.modalities for m in modalities):
+        if any(m in TOWERS and m in model.config.modalities for m in modalities):
             processor = AutoProcessor.from_pretrained(model_dir)
 
     start = time.perf_counter()
