@@ -46,10 +46,9 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
 
 
 def text_length(processor, dsd: DatasetDict) -> int:
-    """Pad every split to one length, so batches stack: the longest tokenised text of any split (capped), so that no
-    split is truncated where another is not (validation picks each stage's best checkpoint on full texts)."""
-    longest = max(len(ids) for split in dsd.values() if "text" in split.column_names
-                  for ids in processor.tokenizer(list(split["text"]))["input_ids"])
+    """Pad every split to one length, so batches stack: the longest tokenised training text (capped). Longer texts
+    of the other splits are truncated to it (on `digits`, validation texts have up to 15 tokens, training ones 12)."""
+    longest = max(len(ids) for ids in processor.tokenizer(list(dsd["train"]["text"]))["input_ids"])
     return min(longest, MAX_TEXT_LENGTH, processor.tokenizer.model_max_length)
 
 
