@@ -340,17 +340,13 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
     return records
 
 
-def push_trained_model(folder, args: TrainingArguments) -> str | None:
+def push_trained_model(folder, args: TrainingArguments) -> str:
     """Push the model saved in `folder` to `args.hub_model_id` with [`dmil_hf.hub.push_model`] (honouring
-    `hub_private_repo`, `hub_revision` and `hub_token`); main process only. The one way `dmil_hf` pushes a trained
-    model: `train_staged` (with `args.push_to_hub`) and `dmil train --push-to-hub` both call it. Returns the commit
-    URL (None on other processes)."""
-    from accelerate import PartialState
-
+    `hub_private_repo`, `hub_revision` and `hub_token`); call it on the main process only. The one way `dmil_hf`
+    pushes a trained model: `train_staged` (with `args.push_to_hub`) and `dmil train --push-to-hub` both call it.
+    Returns the commit URL."""
     from .hub import push_model
 
-    if not PartialState().is_main_process:
-        return None
     return push_model(folder, args.hub_model_id, private=bool(args.hub_private_repo), revision=args.hub_revision,
                       token=args.hub_token)
 

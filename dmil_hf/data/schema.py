@@ -171,11 +171,12 @@ def inspect_dataset(dsd) -> DatasetSchema:
     """Validate `dsd` against the schema (see the module docstring) and describe it; raises ValueError naming the
     offending split or column. A dataset already inspected (same splits, same fingerprints) is not read again."""
     key = tuple((name, getattr(split, "_fingerprint", None)) for name, split in dsd.items()) \
-        if isinstance(dsd, DatasetDict) else None
-    if key is not None and all(fingerprint for _, fingerprint in key) and key in _INSPECTED:
+        if isinstance(dsd, DatasetDict) else ()
+    cacheable = bool(key) and all(fingerprint for _, fingerprint in key)
+    if cacheable and key in _INSPECTED:
         return _INSPECTED[key]
     schema = _inspect(dsd)
-    if key is not None and all(fingerprint for _, fingerprint in key):
+    if cacheable:
         _INSPECTED[key] = schema
         while len(_INSPECTED) > _INSPECTED_KEPT:
             _INSPECTED.pop(next(iter(_INSPECTED)))
