@@ -20,6 +20,7 @@ from .modeling_dmil import (
     DmilEncoders,
     DmilForMultimodalClassification,
     DmilPreTrainedModel,
+    drop_modalities,
     masked_mean,
     problem_type,
 )
@@ -34,6 +35,7 @@ class DmilJointConfig(DmilConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("model_type", None)
+        kwargs.setdefault("modality_dropout", 0.0)  # DMIL's default; the plain baselines train without it
         super().__init__(**kwargs)
 
 
@@ -44,6 +46,7 @@ class DmilEnsembleConfig(DmilConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("model_type", None)
+        kwargs.setdefault("modality_dropout", 0.0)  # DMIL's default; the plain baselines train without it
         super().__init__(**kwargs)
 
 
@@ -66,6 +69,7 @@ class DmilI2moeConfig(DmilConfig):
             raise ValueError(f"`i2moe_interaction_weight` is {i2moe_interaction_weight}; expected a number >= 0.")
         self.i2moe_temperature = float(i2moe_temperature)
         self.i2moe_interaction_weight = float(i2moe_interaction_weight)
+        kwargs.setdefault("modality_dropout", 0.0)
         super().__init__(**kwargs)
 
 
@@ -98,6 +102,9 @@ class _DmilBaselineModel(DmilPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, inputs)
         embeds, mask, hidden_states, attentions = self.encoders.encode(inputs, modality_mask, *options[1:])
+        if self.training and self.config.modality_dropout > 0:  # the practitioner's modality dropout
+            mask = drop_modalities(mask, self.config.modality_dropout)
+            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         return options[0], embeds, mask, {"hidden_states": hidden_states, "attentions": attentions}
 
     @staticmethod
@@ -130,12 +137,13 @@ class DmilJointForMultimodalClassification(_DmilBaselineModel):
         self.classifier = _classifier(num * config.hidden_size, config.hidden_size, config.num_labels, config.dropout)
         self.post_init()
 
-    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
-                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
+    def forward(self, modality_mask=None, modality_corruption=None, labels=None, return_dict=None,
+                output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """
@@ -173,12 +181,13 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
             {m: _classifier(hidden, hidden, config.num_labels, config.dropout) for m in config.modalities})
         self.post_init()
 
-    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
-                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
+    def forward(self, modality_mask=None, modality_corruption=None, labels=None, return_dict=None,
+                output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """
@@ -242,13 +251,14 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
         self.triplet = nn.TripletMarginLoss(margin=1.0, reduction="none")
         self.post_init()
 
-    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
-                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
+    def forward(self, modality_mask=None, modality_corruption=None, labels=None, return_dict=None,
+                output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression);
                 with labels the interaction losses are computed (in eval mode too, so `loss` has a small random part).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
+            modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
             **inputs: modality-prefixed tower inputs, as for [`DmilForMultimodalClassification`].
         """

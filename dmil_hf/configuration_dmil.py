@@ -45,6 +45,10 @@ TOWERS = {tower.name: tower for tower in (
 TOWER_MODALITIES = tuple(TOWERS)
 # A feature modality `<name>` is the dataset column `<name>_features` and the model input `<name>_features`.
 FEATURES = "features"
+# The training-only model input `(batch, num_modalities)` (and dataset column) of each modality's corruption level in
+# `config.modalities` order (0 clean, 1 replaced by noise): `dmil_hf.data.add_training_corruption` writes it; DMIL
+# learns its per-modality reliability from it, and no method reads it at inference.
+CORRUPTION_INPUT = "modality_corruption"
 # The main inputs each tower kind may have; a config whose model does not take one of these is refused.
 TOWER_INPUTS = {name: tuple(tower.main_inputs) for name, tower in TOWERS.items()}
 RESERVED_NAMES = (frozenset(TOWERS) | {tower.column for tower in TOWERS.values()}
@@ -195,6 +199,19 @@ class DmilConfig(PretrainedConfig):
             device-to-host sync. `None` (default): run them in eager mode on CPU tensors only, where that costs no
             sync; `True`: in eager mode on any device (one sync per forward); `False`: never. Under `torch.compile`,
             `torch.export` and tracing they are always skipped. Shape, rank and dtype checks always run.
+        reliability_gating (`bool`, defaults to `True`): DMIL's per-sample, per-modality reliability
+            (`outputs.modality_reliability`, in [0, 1]): a small head on each tower's detached pooled output, trained
+            on the corrupted training samples of `dmil_hf.data.add_training_corruption` (the `modality_corruption`
+            input) to tell a working modality from a broken one. A modality judged unreliable is handled like a
+            missing one, smoothly: the components that need it lose gate weight, redundancy comes from the
+            reliable modalities, synergy stops reading it, and the readout's `unique_<m>` drops. A model never shown
+            corrupted samples keeps every reliability at 1 (the head is untrained). `False` is the paper.
+        reliability_loss_weight (`float`, defaults to 1.0): weight of the reliability heads' loss (binary
+            cross-entropy against 1 - corruption level, in every stage; the heads read detached inputs, so the loss
+            trains them only).
+        modality_dropout (`float`, defaults to 0.1; 0 for the baselines' configs): in training (DMIL: stages 2 and
+            3), the probability that a sample loses each modality (as if it were missing; at least one stays), so the
+            missing-modality path is trained rather than only masked.
         freeze_towers (`bool` or `list[str]`, defaults to `False`): towers that never train: `True` for every tower,
             or a list of modality names (e.g. `["text", "audio"]`). A frozen tower stays in eval mode in every stage
             (no dropout, no batch-norm updates), its parameters have `requires_grad=False` and it runs without a
@@ -255,6 +272,9 @@ class DmilConfig(PretrainedConfig):
         training_stage: int = 3,
         check_input_values: bool | None = None,
         freeze_towers: bool | list[str] = False,
+        reliability_gating: bool = True,
+        reliability_loss_weight: float = 1.0,
+        modality_dropout: float = 0.1,
         **kwargs,
     ):
         self._refuse_unknown_keywords(kwargs)
@@ -324,6 +344,13 @@ class DmilConfig(PretrainedConfig):
         self.stage2_learning_rate = stage2_learning_rate
         self.stage3_learning_rate = stage3_learning_rate
         self.training_stage = int(training_stage)
+        if not 0.0 <= float(modality_dropout) < 1.0:
+            raise ValueError(f"`modality_dropout` is {modality_dropout}; expected a probability in [0, 1).")
+        if float(reliability_loss_weight) < 0:
+            raise ValueError(f"`reliability_loss_weight` is {reliability_loss_weight}; expected a number >= 0.")
+        self.reliability_gating = bool(reliability_gating)
+        self.reliability_loss_weight = float(reliability_loss_weight)
+        self.modality_dropout = float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
             raise TypeError(f"`freeze_towers` is {freeze_towers!r}; expected True, False or a list of modality names.")
@@ -458,4 +485,4 @@ class DmilStage:
         return f"stage{self.index}"
 
 
-__all__ = ["DmilConfig", "DmilStage", "TOWERS", "TOWER_INPUTS", "TOWER_MODALITIES", "TowerModality", "column_of"]
+__all__ = ["CORRUPTION_INPUT", "DmilConfig", "DmilStage", "TOWERS", "TOWER_INPUTS", "TOWER_MODALITIES", "TowerModality", "column_of"]

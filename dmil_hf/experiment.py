@@ -68,6 +68,10 @@ def check_settings(settings: RunSettings) -> None:
     for name, value in (("--epochs", settings.epochs), ("--learning-rate", settings.learning_rate)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} {value!r} must be a positive number.")
+    for name, value, top in (("--train-corruption", settings.train_corruption, 1.0),
+                             ("--modality-dropout", settings.modality_dropout, 0.999)):
+        if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= top):
+            raise ValueError(f"{name} {value!r} must be a number in [0, {top:g}].")
     known = _known_config_keys()
     for key in settings.config_overrides:
         if key not in known:
@@ -316,6 +320,8 @@ def build_config(settings: RunSettings, schema, processor):
         kwargs.update({f"stage{k + 1}_epochs": e for k, e in enumerate(settings.stage_epochs)})
     if settings.stage_learning_rates:
         kwargs.update({f"stage{k + 1}_learning_rate": r for k, r in enumerate(settings.stage_learning_rates)})
+    if settings.modality_dropout is not None:
+        kwargs["modality_dropout"] = settings.modality_dropout
     kwargs.update(settings.config_overrides)
     return configs, kwargs
 
@@ -443,7 +449,14 @@ def run_training(settings: RunSettings) -> dict:
     if settings.resume:
         check_resume_matches(output_dir, settings, data)
     processor = build_processor(schema.modalities, dsd["train"], settings.pretrained)
-    encoded = encode_dataset(dsd, processor, schema.modalities)
+    corruption = (settings.train_corruption if settings.train_corruption is not None
+                  else METHODS[settings.method].train_corruption)
+    train = None
+    if corruption > 0:  # corrupted copies of training rows (see dmil_hf.data.corruption)
+        from .data import add_training_corruption
+
+        train = add_training_corruption(dsd["train"], schema.modalities, corruption, seed=settings.seed)
+    encoded = encode_dataset(dsd, processor, schema.modalities, train=train)
     model = build_run_model(settings, schema, processor)
     if settings.lora:
         apply_lora(model)

@@ -47,6 +47,8 @@ class Method:
             keeps the arguments' value.
         interaction_weights: its outputs carry per-sample `interaction_weights` (the card describes them).
         card_settings: the method's own config fields the model card lists, as (field, label) pairs.
+        train_corruption: the share of training rows `dmil train` copies with each modality corrupted
+            (`dmil_hf.data.add_training_corruption`) unless told otherwise; 0 trains on the clean rows only.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Method:
     max_grad_norm: float | None = None
     interaction_weights: bool = False
     card_settings: tuple[tuple[str, str], ...] = ()
+    train_corruption: float = 0.0
 
     @property
     def model_type(self) -> str:
@@ -125,7 +128,7 @@ register_method(Method(
     "Decomposition-based Multimodal Interaction Learning (Yang et al., CVPR 2026): every sample is decomposed into a "
     "redundant component, one unique component per modality and a synergistic component, each with its own "
     "classifier head, and a per-sample gate weights their predictions.",
-    DmilConfig, DmilForMultimodalClassification, staged=True, interaction_weights=True))
+    DmilConfig, DmilForMultimodalClassification, staged=True, interaction_weights=True, train_corruption=0.15))
 register_method(Method(
     "joint", "joint-fusion baseline",
     "the pooled modality embeddings are concatenated and classified by one MLP trained end to end (the DMIL paper's "

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers import MODEL_MAPPING, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_dmil import FEATURES, TOWER_MODALITIES, TOWERS, DmilConfig
+from .configuration_dmil import CORRUPTION_INPUT, FEATURES, TOWER_MODALITIES, TOWERS, DmilConfig
 
 logger = logging.get_logger(__name__)
 
@@ -80,6 +80,8 @@ class DmilModelOutput(ModelOutput):
             computes none; transformers then warns and the tuple is empty).
         loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
+        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`): how far each present
+            modality of each sample can be trusted, in [0, 1] (0 for absent ones; see [`DmilReliability`]).
     """
 
     component_embeds: torch.FloatTensor | None = None
@@ -92,6 +94,7 @@ class DmilModelOutput(ModelOutput):
     attentions: dict | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
+    modality_reliability: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -122,6 +125,9 @@ class DmilClassifierOutput(ModelOutput):
             as in [`DmilModelOutput`].
         loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
         component_names (`tuple[str]`).
+        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, DMIL only): the per-sample
+            reliability of each modality in [0, 1], computed without labels (see [`DmilReliability`]); a modality near
+            0 is handled like a missing one.
     """
 
     loss: torch.FloatTensor | None = None
@@ -138,6 +144,7 @@ class DmilClassifierOutput(ModelOutput):
     attentions: dict | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
+    modality_reliability: torch.FloatTensor | None = None
 
 
 def gaussian_kl(mean, logvar, prior_mean=None, prior_logvar=None):
@@ -151,6 +158,26 @@ def masked_mean(values, mask):
     """Mean of per-sample `values` over the samples where `mask` holds (0 when none does)."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def drop_modalities(mask, probability: float):
+    """Modality dropout for training: each present modality of each sample is dropped with `probability`, but every
+    sample keeps at least one. Returns the new `(batch, num_modalities)` mask."""
+    if probability <= 0:
+        return mask
+    kept = mask & (torch.rand(mask.shape, device=mask.device) >= probability)
+    return torch.where(kept.any(1, keepdim=True), kept, mask)
+
+
+def component_reliability(modality_reliability):
+    """`(B, M + 2)` availability of each component from the modalities' reliabilities `(B, M)` (independent, 0 for
+    absent ones): redundancy needs any one reliable modality, `unique_<m>` needs m, synergy at least two."""
+    unreliable = 1.0 - modality_reliability
+    num = modality_reliability.shape[1]
+    others = torch.stack([torch.cat([unreliable[:, :m], unreliable[:, m + 1:]], 1).prod(1) for m in range(num)], 1)
+    none = unreliable.prod(1, keepdim=True)
+    exactly_one = (modality_reliability * others).sum(1, keepdim=True)
+    return torch.cat([1.0 - none, modality_reliability, (1.0 - none - exactly_one).clamp(min=0.0)], 1)
 
 
 def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None):
@@ -177,7 +204,8 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): absent modalities carry nothing.
         log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted.
         component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`, *optional*): components that
-            exist for each sample; the others get weight 0.
+            exist for each sample; the others get weight 0 (a float tensor in [0, 1] scales them: how available each
+            component is, e.g. from the modalities' reliabilities).
     """
     unimodal = modality_logits.float().log_softmax(-1)
     fused = logits.float().log_softmax(-1)
@@ -217,6 +245,41 @@ class DmilLabelPrior(nn.Module):
         # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform.
         counts = self.counts + 1.0
         return (counts / counts.sum()).log()
+
+
+class DmilReliability(nn.Module):
+    """
+    Per-sample, per-modality reliability: a small head on each tower's pooled output (detached: it learns from the
+    towers, never shapes them) gives the probability that the modality works, trained with binary cross-entropy
+    against `1 - modality_corruption` on the corrupted training samples of `dmil_hf.data.add_training_corruption`.
+    Until it has seen such samples in training (the `calibrated` buffer, saved with the model) it returns 1 for every
+    present modality, so a model trained without corruption behaves as before. Absent modalities get 0.
+    """
+
+    def __init__(self, widths: dict[str, int], hidden_size: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({m: _mlp(width, hidden_size, 1) for m, width in widths.items()})
+        self.register_buffer("calibrated", torch.zeros(()))
+
+    def forward(self, pooled: dict, mask, corruption=None):
+        """`(reliability (B, M) detached, loss terms)` from the pooled tower outputs (a dict over the modalities
+        present), the presence mask and the training corruption levels `(B, M)` (None at inference)."""
+        names = list(self.heads)
+        reference = next(iter(pooled.values()))
+        logits = torch.stack([self.heads[m](pooled[m].detach()).squeeze(-1) if m in pooled
+                              else reference.new_zeros(reference.shape[0]) for m in names], 1).float()
+        terms = {}
+        for i, m in enumerate(names):
+            if corruption is None:  # no target: a zero that keeps the heads in the graph (DDP wants every parameter)
+                terms[f"reliability_{m}"] = logits[:, i].sum() * 0.0
+            else:
+                target = 1.0 - corruption[:, i].to(logits)
+                terms[f"reliability_{m}"] = masked_mean(
+                    F.binary_cross_entropy_with_logits(logits[:, i], target, reduction="none"), mask[:, i])
+        if corruption is not None and self.training:
+            self.calibrated.fill_(1.0)
+        reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
+        return reliability * mask.to(reliability.dtype), terms
 
 
 class DmilGaussianBottleneck(nn.Module):
@@ -795,6 +858,8 @@ class DmilPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, DmilLabelPrior):
             nn.init.zeros_(module.counts)
+        elif isinstance(module, DmilReliability):
+            nn.init.zeros_(module.calibrated)
 
     @classmethod
     def from_encoders_pretrained(cls, text=None, vision=None, audio=None, feature_modalities=None, **kwargs):
@@ -863,12 +928,14 @@ class DmilModel(DmilPreTrainedModel):
                 m: nn.Sequential(nn.Linear(self.encoders.tower_width(m), hidden), nn.LayerNorm(hidden))
                 for m in modalities})
         self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
+        if config.reliability_gating:
+            self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden)
         self.post_init()
 
     def synergy_modules(self):
         return [self.synergy] + ([self.synergy_projections] if hasattr(self, "synergy_projections") else [])
 
-    def synergy_inputs(self, pooled: dict, mask):
+    def synergy_inputs(self, pooled: dict, mask, reliability=None):
         """The synergy component's per-modality inputs `(B, M, hidden)` from the pooled tower outputs (`"towers"`):
         stage 1 (the warm-up) reads them detached; stage 3 scales the gradient they send into the towers by
         `synergy_tower_gradient`; its own projections always train."""
@@ -883,7 +950,9 @@ class DmilModel(DmilPreTrainedModel):
             if scale != 1.0:
                 tower = tower.detach() if scale == 0.0 else tower * scale + tower.detach() * (1.0 - scale)
             views.append(self.encoders.dropout(self.synergy_projections[m](tower)))
-        return _stack_modalities(views, mask)
+        views = _stack_modalities(views, mask)
+        # An unreliable modality is read as a missing one (whose view is zero), smoothly.
+        return views if reliability is None else views * reliability.unsqueeze(-1).to(views.dtype)
 
     def level1_modules(self):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
@@ -891,12 +960,16 @@ class DmilModel(DmilPreTrainedModel):
     def level2_modules(self):
         return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant]
 
-    def forward(self, modality_mask=None, return_dict=None, output_hidden_states=None, output_attentions=None,
-                **inputs) -> DmilModelOutput | tuple:
+    def forward(self, modality_mask=None, modality_corruption=None, return_dict=None, output_hidden_states=None,
+                output_attentions=None, **inputs) -> DmilModelOutput | tuple:
         r"""
         Args:
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
                 presence of each modality (in `config.modalities` order); modalities not passed at all are absent.
+            modality_corruption (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, *optional*, training
+                only): each modality's corruption level (0 clean, 1 replaced by noise), the column written by
+                `dmil_hf.data.add_training_corruption`: the target of the reliability heads; the level-1 and component
+                losses skip corrupted modalities.
             return_dict (`bool`, *optional*): return a [`DmilModelOutput`] (default: `config.return_dict`) or a tuple.
             output_hidden_states / output_attentions (`bool`, *optional*): also return each transformers tower's
                 hidden states / attention weights, by modality (default: the config's flags).
@@ -910,15 +983,36 @@ class DmilModel(DmilPreTrainedModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
             embeds, mask, hidden_states, attentions, pooled = self.encoders.encode(
                 inputs, modality_mask, output_hidden_states, output_attentions, return_pooled=True)
-        synergy_embeds = self.synergy_inputs(pooled, mask) if self.config.synergy_source == "towers" else None
-        out = self.decompose(embeds, mask, synergy_embeds)
+        corruption = self._check_corruption(modality_corruption, mask)
+        if self.training and self.config.training_stage != 1 and self.config.modality_dropout > 0:
+            mask = drop_modalities(mask, self.config.modality_dropout)
+            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        if hasattr(self, "reliability"):
+            reliability, reliability_terms = self.reliability(pooled, mask, corruption)
+        else:  # the stage losses read these terms; without reliability heads they are zero
+            reliability, reliability_terms = None, {f"reliability_{m}": embeds.new_zeros(()) for m in self.config.modalities}
+        synergy_embeds = (self.synergy_inputs(pooled, mask, reliability) if self.config.synergy_source == "towers"
+                          else None)
+        out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
+        out.loss_terms.update(reliability_terms)
         if hidden_states is not None or attentions is not None:  # rebuilt so the fields keep their tuple positions
             out = DmilModelOutput(**dict(out.items()), hidden_states=hidden_states, attentions=attentions)
         return out if return_dict else out.to_tuple()
 
-    def decompose(self, embeds, mask, synergy_embeds=None) -> DmilModelOutput:
+    def _check_corruption(self, corruption, mask):
+        if corruption is None:
+            return None
+        if not isinstance(corruption, torch.Tensor) or tuple(corruption.shape) != tuple(mask.shape):
+            raise ValueError(f"{CORRUPTION_INPUT} must be a tensor of shape {tuple(mask.shape)} (batch, one level per "
+                             f"modality of {list(self.config.modalities)}); got "
+                             f"{getattr(corruption, 'shape', type(corruption).__name__)}.")
+        return corruption.to(device=mask.device, dtype=torch.float32)
+
+    def decompose(self, embeds, mask, synergy_embeds=None, reliability=None, corruption=None) -> DmilModelOutput:
         """The decomposition head alone, from projected tower embeddings `(B, M, hidden)` and presence `(B, M)`; with
-        `synergy_source="towers"`, also the synergy component's inputs `(B, M, hidden)` (see `synergy_inputs`)."""
+        `synergy_source="towers"`, also the synergy component's inputs `(B, M, hidden)` (see `synergy_inputs`);
+        optionally the modalities' reliabilities `(B, M)` (see [`DmilReliability`]) and the training corruption
+        levels `(B, M)` (level-1 losses are computed on uncorrupted modalities only)."""
         if self.config.synergy_source == "towers" and synergy_embeds is None:
             raise ValueError("synergy_source='towers' reads the synergy component's own view of the towers: pass "
                              "`synergy_embeds=model.synergy_inputs(pooled, mask)` (pooled from "
@@ -930,6 +1024,7 @@ class DmilModel(DmilPreTrainedModel):
         # (robust to a degraded modality, but slow to learn synergy); at 0 the towers learn from the fusion only.
         scale = config.stage3_level1_tower_gradient if config.training_stage == 3 else 1.0
         level1_inputs = embeds if scale == 1.0 else embeds * scale + embeds.detach() * (1.0 - scale)
+        clean = mask if corruption is None else mask & (corruption <= 0)
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
             terms = {}
             relevant, relevant_means, irrelevant, irrelevant_means = [], [], [], []
@@ -938,11 +1033,11 @@ class DmilModel(DmilPreTrainedModel):
                 z_ir, mu_ir, lv_ir = self.irrelevant[m](level1_inputs[:, i])
                 rebuilt = self.reconstruct[m](torch.cat([z_tr, z_ir], -1))
                 terms[f"kl_level1_{m}"] = config.kl_scale * masked_mean(
-                    gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), mask[:, i])
+                    gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), clean[:, i])
                 # The target is detached: the latents must explain the embedding, but the tower must not be pulled
                 # toward embeddings that are easy to rebuild (a constant one is the easiest).
                 terms[f"reconstruction_{m}"] = masked_mean((rebuilt - level1_inputs[:, i].detach()).pow(2).mean(-1),
-                                                           mask[:, i])
+                                                           clean[:, i])
                 relevant.append(z_tr)
                 relevant_means.append(mu_tr)
                 irrelevant.append(z_ir)
@@ -962,15 +1057,19 @@ class DmilModel(DmilPreTrainedModel):
         # Missing modalities: R from the product of the present modalities' alignment Gaussians. Computed for every
         # batch (a few element-wise ops) rather than behind `if not all_present.all()`, which would read a tensor
         # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
-        weights = mask.unsqueeze(-1).to(r_mean.dtype)
+        weights = (mask if reliability is None else reliability).unsqueeze(-1).to(r_mean.dtype)
         precision = torch.stack([(-lv).exp() for _, _, lv in aligned], 1) * weights
         means = torch.stack([mu for _, mu, _ in aligned], 1)
         poe_mean = (means * precision).sum(1) / precision.sum(1).clamp(min=1e-6)
         poe_sample = poe_mean
         if self.training:
             poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(1).clamp(min=1e-6).rsqrt()
-        r_sample = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
-        redundant = r_sample
+        if reliability is None:
+            redundant = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
+        else:
+            # q(R | all) only as far as every modality is reliable; otherwise the reliable modalities' product.
+            trusted = (reliability.prod(1, keepdim=True) * all_present.unsqueeze(-1)).to(r_sample.dtype)
+            redundant = trusted * r_sample + (1.0 - trusted) * poe_sample
 
         unique = []
         for i, m in enumerate(modalities):
@@ -993,6 +1092,8 @@ class DmilModel(DmilPreTrainedModel):
             sources = embeds
         elif config.synergy_source == "towers":
             sources = synergy_embeds
+        if reliability is not None and config.synergy_source != "towers":  # "towers" views are weighted already
+            sources = sources * reliability.unsqueeze(-1).to(sources.dtype)
         if config.training_stage == 1 and config.synergy_source != "towers":
             sources = sources.detach()  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
         pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
@@ -1012,6 +1113,7 @@ class DmilModel(DmilPreTrainedModel):
             task_relevant_embeds=relevant,
             task_irrelevant_embeds=irrelevant,
             component_names=config.component_names,
+            modality_reliability=reliability,
         )
 
 
@@ -1050,27 +1152,30 @@ _TERM_LABELS = {"task_gated": "CE(gated)", "gate_synergy": "gate weight(synergy)
                 "readout_{}": "CE(readout head)", "task_unimodal_{}": "CE(unimodal head)",
                 "kl_level1_{}": "KL(level 1)", "reconstruction_{}": "reconstruction",
                 "kl_alignment_{}": "KL(alignment)", "kl_unique_{}": "KL(unique)",
-                "reconstruction_relevant_{}": "rebuild(task-relevant)", "task_component_{}": "CE(component head)"}
+                "reconstruction_relevant_{}": "rebuild(task-relevant)", "task_component_{}": "CE(component head)",
+                "reliability_{}": "BCE(reliability head)"}
 _READOUT = _PerModality((("readout_{}", None),))
 _UNIMODAL = _PerModality((("task_unimodal_{}", None),))
 _PARSIMONY = _Scaled(("synergy_gate_penalty",), "gate_synergy")
 _LEVEL2_KL = _Sum(("kl_redundancy", _PerModality((("kl_alignment_{}", None), ("kl_unique_{}", None)))))
 _REBUILD_RELEVANT = _PerModality((("reconstruction_relevant_{}", None),))
 _COMPONENTS = _PerComponent("task_component_{}")
+# Last in every stage: with no corrupted samples its terms are exact zeros, which leave the sum bit for bit unchanged.
+_RELIABILITY = _Scaled(("reliability_loss_weight",), _PerModality((("reliability_{}", None),)))
 STAGE_LOSSES = {
     1: _Sum((_READOUT, _UNIMODAL,
              _Scaled(("lamb",), _PerModality((("kl_level1_{}", "level1_kl_weights"),
                                               ("reconstruction_{}", "level1_reconstruction_weights")))),
-             _Scaled(("stage1_synergy_weight",), "task_component_synergy"))),
+             _Scaled(("stage1_synergy_weight",), "task_component_synergy"), _RELIABILITY)),
     2: _Sum((_READOUT, _PARSIMONY, "task_gated",
              _Scaled(("lamb",), _Sum((_LEVEL2_KL, _Scaled(("stage2_reconstruction_weight",), _REBUILD_RELEVANT)))),
-             _Scaled(("stage2_component_weight",), _COMPONENTS))),
+             _Scaled(("stage2_component_weight",), _COMPONENTS), _RELIABILITY)),
     3: _Sum((_READOUT, _PARSIMONY, "task_gated", _Scaled(("stage3_unimodal_weight",), _UNIMODAL),
              _Scaled(("lamb",), _PerModality((("kl_level1_{}", "level1_kl_weights"),))),
              _Scaled(("stage3_reconstruction_weight",), _Sum((_PerModality((("reconstruction_{}", None),)),
                                                               _REBUILD_RELEVANT))),
              _Scaled(("lamb", "stage3_level2_scale"), _LEVEL2_KL),
-             _Scaled(("stage3_component_weight",), _COMPONENTS))),
+             _Scaled(("stage3_component_weight",), _COMPONENTS), _RELIABILITY)),
 }
 
 
@@ -1167,7 +1272,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         "level1": "towers and projections, level 1 (task-relevant / -irrelevant latents), unimodal heads",
         "level2": "level 2 (redundancy, uniqueness), their component heads, the gate",
         "synergy": "the synergy component and its head (in stage 1 a warm-up on detached inputs)",
-        "readout": "the readout's modality heads (on detached embeddings)",
+        "readout": "the readout's modality heads and the reliability heads (on detached embeddings)",
     }
 
     def stage_modules(self) -> dict[str, list[nn.Module]]:
@@ -1175,7 +1280,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
                 "level2": self.dmil.level2_modules() + list(self.component_heads[:-1]) + [self.gate],
                 "synergy": self.dmil.synergy_modules() + [self.component_heads[-1]],
-                "readout": [self.modality_heads]}
+                "readout": [self.modality_heads] + ([self.dmil.reliability] if hasattr(self.dmil, "reliability")
+                                                    else [])}
 
     @staticmethod
     def stage_parameter_groups(config: DmilConfig, stage: int) -> tuple[str, ...]:
@@ -1246,12 +1352,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
         return F.cross_entropy(logits, labels, reduction="none")
 
-    def forward(self, modality_mask=None, labels=None, return_dict=None, output_hidden_states=None,
-                output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
+    def forward(self, modality_mask=None, modality_corruption=None, labels=None, return_dict=None,
+                output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
                 presence of each modality (in `config.modalities` order); modalities not passed at all are absent.
+            modality_corruption (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, *optional*, training
+                only): each modality's corruption level, from `dmil_hf.data.add_training_corruption` (see
+                [`DmilModel.forward`]).
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             return_dict (`bool`, *optional*): return a [`DmilClassifierOutput`] (default: `config.return_dict`) or a
                 tuple of its fields that are not None (`loss` first when labels are given, then `logits`).
@@ -1265,29 +1374,36 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             return_dict, output_hidden_states, output_attentions)
         if labels is not None:
             self._check_labels(labels, inputs)
-        out = self.dmil(modality_mask=modality_mask, return_dict=True, output_hidden_states=output_hidden_states,
-                        output_attentions=output_attentions, **inputs)
-        result = self.classify(out, labels)
+        out = self.dmil(modality_mask=modality_mask, modality_corruption=modality_corruption, return_dict=True,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, **inputs)
+        result = self.classify(out, labels, modality_corruption)
         if out.hidden_states is not None or out.attentions is not None:
             result = type(result)(**dict(result.items()), hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict else result.to_tuple()
 
-    def classify(self, out: DmilModelOutput, labels=None) -> DmilClassifierOutput:
-        """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`]."""
+    def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
+        """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the
+        training corruption levels, whose corrupted modalities the unimodal and component losses skip)."""
         config = self.config
         mask, component_mask = out.modality_mask, out.component_mask
         stage = config.training_stage
+        # Each modality's weight: its presence, times its reliability where the model estimates one.
+        trust = mask.float() if out.modality_reliability is None else out.modality_reliability
+        clean = mask if modality_corruption is None else mask & (modality_corruption.to(mask.device) <= 0)
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != 2):
             unimodal_logits = torch.stack(
                 [self.unimodal_heads[m](out.task_relevant_embeds[:, i]) for i, m in enumerate(config.modalities)], 1)
         component_logits = torch.stack([head(out.component_embeds[:, k]) for k, head in enumerate(self.component_heads)], 1)
-        gate_logits = self.gate(out.component_embeds.flatten(1)).masked_fill(~component_mask, float("-inf"))
+        gate_logits = self.gate(out.component_embeds.flatten(1))
+        if out.modality_reliability is not None:  # a component that needs an unreliable modality loses its weight
+            gate_logits = gate_logits + component_reliability(trust).clamp(min=1e-4).log().to(gate_logits.dtype)
+        gate_logits = gate_logits.masked_fill(~component_mask, float("-inf"))
         weights = gate_logits.softmax(-1)
         gated = (weights.unsqueeze(-1) * component_logits).sum(1)
         if stage == 1:
-            present = mask.unsqueeze(-1).to(unimodal_logits.dtype)
-            logits = (unimodal_logits * present).sum(1) / present.sum(1)
+            present = trust.unsqueeze(-1).to(unimodal_logits.dtype)
+            logits = (unimodal_logits * present).sum(1) / present.sum(1).clamp(min=1e-6)
         else:
             logits = gated
         # A single output (regression, or num_labels=1) has no class distribution to split: the readout is the gate.
@@ -1300,20 +1416,27 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             readout = weights
         else:
             with torch.no_grad():
-                readout = pointwise_interaction_weights(modality_logits, logits, mask, self.label_prior.log_prior(),
-                                                        component_mask)
+                # Components that need an unreliable modality are as good as absent for the readout too.
+                available = component_mask if out.modality_reliability is None else (
+                    component_reliability(trust) * component_mask)
+                readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
+                                                        available)
 
         terms = dict(out.loss_terms)
         loss = None
         if labels is not None:
             terms["task_gated"] = self._task_loss(gated, labels).mean()
             for i, m in enumerate(config.modalities):
-                terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), mask[:, i])
+                terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), clean[:, i])
                 terms[f"readout_{m}"] = masked_mean(self._task_loss(modality_logits[:, i], labels), mask[:, i])
             terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
+            # The components learn from the samples whose modalities they read are intact (redundancy: all
+            # samples; it reads the reliable modalities); the gated loss sees every sample, corrupted ones included.
+            intact = (clean | ~mask).all(1, keepdim=True)
+            component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
             for k, name in enumerate(config.component_names):
                 terms[f"task_component_{name}"] = masked_mean(
-                    self._task_loss(component_logits[:, k], labels), component_mask[:, k])
+                    self._task_loss(component_logits[:, k], labels), component_trained[:, k])
             loss = self._stage_loss(terms, stage)
         return DmilClassifierOutput(
             loss=loss,
@@ -1328,6 +1451,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             modality_mask=mask,
             loss_terms=terms,
             component_names=config.component_names,
+            modality_reliability=out.modality_reliability,
         )
 
     def _stage_loss(self, terms, stage):
@@ -1345,7 +1469,10 @@ __all__ = [
     "DmilModel",
     "DmilModelOutput",
     "DmilPreTrainedModel",
+    "DmilReliability",
     "STAGE_LOSSES",
+    "component_reliability",
+    "drop_modalities",
     "describe_loss",
     "evaluate_loss",
     "pointwise_interaction_weights",

@@ -8,7 +8,8 @@ Example:
 >>> classifier = pipeline("multimodal-classification", model="runs/dmil-digits")
 >>> classifier({"text": "seven", "image": "digit.png"}, top_k=2)
 {'scores': [{'label': '7', 'score': 0.91}, {'label': '1', 'score': 0.04}],
- 'interaction_weights': {'redundancy': 0.62, 'unique_text': 0.11, 'unique_vision': 0.2, 'synergy': 0.07}}
+ 'interaction_weights': {'redundancy': 0.62, 'unique_text': 0.11, 'unique_vision': 0.2, 'synergy': 0.07},
+ 'modality_reliability': {'text': 0.99, 'vision': 0.98}}
 ```
 """
 
@@ -34,7 +35,9 @@ class MultimodalClassificationPipeline(Pipeline):
     support.
 
     Returns, per sample, `{"scores": [{"label", "score"}, ...] (highest first, `top_k` of them), "interaction_weights":
-    {component: weight}}` (the per-sample interaction readout, only for models that have one; regression models give `{"value": float, ...}`).
+    {component: weight}, "modality_reliability": {modality: reliability}}` (the per-sample interaction readout and,
+    for DMIL, how far each modality given can be trusted, in [0, 1]: near 0 it is treated as missing; only for models
+    that have them; regression models give `{"value": float, ...}`).
     A single dict gives a single result, a list of dicts a list. `batch_size` batches samples that have the same
     modalities.
     """
@@ -156,8 +159,9 @@ class MultimodalClassificationPipeline(Pipeline):
     def _forward(self, model_inputs):
         outputs = self.model(**model_inputs)
         result = {"logits": outputs.logits}
-        if getattr(outputs, "interaction_weights", None) is not None:
-            result["interaction_weights"] = outputs.interaction_weights
+        for key in ("interaction_weights", "modality_reliability", "modality_mask"):
+            if getattr(outputs, key, None) is not None:
+                result[key] = getattr(outputs, key)
         return result
 
     def postprocess(self, model_outputs, top_k=None):
@@ -175,6 +179,11 @@ class MultimodalClassificationPipeline(Pipeline):
                                       "score": float(probabilities[i])} for i in order]}
             if weights is not None:
                 result["interaction_weights"] = dict(zip(config.component_names, weights[row].float().tolist()))
+            reliability = model_outputs.get("modality_reliability")
+            if reliability is not None:
+                present = model_outputs["modality_mask"][row].tolist()
+                result["modality_reliability"] = {m: float(r) for m, r, p in zip(
+                    config.modalities, reliability[row].float().tolist(), present) if p}
             results.append(result)
         return results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from .configuration_dmil import TOWERS, column_of
+from .configuration_dmil import CORRUPTION_INPUT, TOWERS, column_of
 from .processing_dmil import DmilProcessor
 from .towers import audio_feature_extractor, image_processor, train_text_tokenizer
 
@@ -79,6 +79,8 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
         for name in feature_names:
             out[column_of(name)] = np.asarray(batch[column_of(name)], dtype=np.float32)
         out["labels"] = np.asarray(batch["labels"])
+        if CORRUPTION_INPUT in batch:  # training corruption levels (`dmil_hf.data.add_training_corruption`)
+            out[CORRUPTION_INPUT] = np.asarray(batch[CORRUPTION_INPUT], dtype=np.float32)
         return out
 
     encoded = split.map(encode, batched=True, batch_size=batch_size, remove_columns=split.column_names,
@@ -86,11 +88,14 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
     return encoded.with_format("torch")
 
 
-def encode_dataset(dsd: DatasetDict, processor, modalities) -> DatasetDict:
+def encode_dataset(dsd: DatasetDict, processor, modalities, train: Dataset | None = None) -> DatasetDict:
     """`encode_split` for every split, with one text length for all (`text_length`). Encode a dataset once and
-    train, select and evaluate on these splits (`dmil_hf.experiment.evaluate_encoded`)."""
+    train, select and evaluate on these splits (`dmil_hf.experiment.evaluate_encoded`). `train`, when given, is
+    encoded instead of `dsd["train"]` (e.g. with the corrupted copies of `dmil_hf.data.add_training_corruption`), at
+    the text length of the clean splits."""
     length = text_length(processor, dsd) if processor is not None and getattr(processor, "tokenizer", None) else None
-    return DatasetDict({name: encode_split(split, processor, modalities, length) for name, split in dsd.items()})
+    splits = {**dsd, "train": train} if train is not None else dict(dsd)
+    return DatasetDict({name: encode_split(split, processor, modalities, length) for name, split in splits.items()})
 
 
 __all__ = ["build_processor", "encode_dataset", "encode_split", "image_channels", "text_length"]

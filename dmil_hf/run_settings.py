@@ -113,6 +113,13 @@ class RunSettings:
         "help": "DmilConfig.freeze_towers: True (all towers) or modality names",
         "options": {"--freeze-towers": dict(nargs="*", metavar="MODALITY", default=None, help=_FREEZE_HELP)},
         "from_args": lambda args: False if args.freeze_towers is None else (list(args.freeze_towers) or True)})
+    train_corruption: float | None = field(default=None, metadata={
+        "help": "share of training rows copied with each modality corrupted (noise, or noise mixed in), so the model "
+                "learns to tell a broken modality from a working one (None: the method's default, 0.15 for dmil, 0 "
+                "for the baselines; 0: clean rows only)"})
+    modality_dropout: float | None = field(default=None, metadata={
+        "help": "probability that a training sample loses each modality, as if missing (DmilConfig.modality_dropout; "
+                "None: the config's default, 0.1 for dmil in stages 2-3, 0 for the baselines)"})
     embedding_cache: bool = field(default=True, metadata={
         "help": "cache the pooled outputs of frozen towers (dmil_hf.embedding_cache); False: run them live",
         "options": {"--no-embedding-cache": dict(action="store_false", dest="embedding_cache", help=(

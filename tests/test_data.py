@@ -299,7 +299,8 @@ def test_digits_without_espeak_says_how_to_install(tmp_path, monkeypatch):
 def test_degraded_feature_sets():
     dsd = make_synthetic(num_samples=400, bayes_samples=200)
     sets = degraded_test_sets(dsd)
-    assert sorted(sets) == ["missing_a", "missing_b", "noise_a", "noise_b"]
+    kinds = ["missing", "noise", "blank", "partial25", "partial50", "partial75"]  # no natural corruption for vectors
+    assert sorted(sets) == sorted(f"{kind}_{m}" for kind in kinds for m in ("a", "b"))
     test = dsd["test"]
     assert sets["missing_a"].column_names == ["b_features", "labels", "interaction"]
     noisy = sets["noise_a"].with_format("numpy")[:]["a_features"]
@@ -311,6 +312,8 @@ def test_degraded_feature_sets():
     assert degraded_test_sets(dsd)["noise_a"]["a_features"] == sets["noise_a"]["a_features"]  # deterministic
     assert dataset_metadata(sets["noise_a"]) == dataset_metadata(dsd)
     with pytest.raises(ValueError, match="mode must be one of"):
+        degrade_split(test, "a", "smudge")
+    with pytest.raises(ValueError, match="'blur' applies to the columns"):
         degrade_split(test, "a", "blur")
     with pytest.raises(ValueError, match="modality 'z'"):
         degrade_split(test, "z", "noise")
@@ -318,7 +321,11 @@ def test_degraded_feature_sets():
 
 def test_degraded_text_image_audio_sets(digits):
     sets = degraded_test_sets(digits)
-    assert sorted(sets) == sorted(f"{mode}_{m}" for m in ("text", "vision", "audio") for mode in ("noise", "missing"))
+    shared = [f"{kind}_{m}" for m in ("text", "vision", "audio")
+              for kind in ("missing", "noise", "blank", "partial25", "partial50", "partial75")]
+    natural = ["blur1.5_vision", "occlusion40_vision", "background5db_audio", "background0db_audio",
+               "word_dropout50_text"]
+    assert sorted(sets) == sorted(shared + natural)
     test = digits["test"]
     assert "audio_sampling_rate" not in sets["missing_audio"].column_names
     assert "image" not in sets["missing_vision"].column_names and "text" in sets["missing_vision"].column_names

@@ -1,0 +1,69 @@
+"""Corrupted training samples: what teaches a model to tell a broken modality from a working one.
+
+`add_training_corruption(split, modalities)` appends to a training split, for every modality `m`, copies of a random
+`fraction` of its rows in which `m` alone is degraded with one of `TRAINING_KINDS` of `dmil_hf.data.degrade` (noise
+replacing the signal, or mixed into it at a level), and a column `modality_corruption` (float32, one level per
+modality in the order of `modalities`: 0 clean, 1 pure noise) that says what was done. The labels stay true: a model
+trained on these rows learns to predict from the modalities that still work. DMIL also learns from the column a
+per-sample, per-modality reliability (`outputs.modality_reliability`) and treats an unreliable modality as missing.
+
+The corruptions are drawn once (deterministic in `seed`), on the raw columns, so they pass through the processor and
+through frozen towers (whose outputs the embedding cache stores) exactly as test-time corruption does. `blank` inputs
+and the natural corruptions (blur, occlusion, background noise, word dropout) are never used here: they stay held out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset, Sequence, Value, concatenate_datasets
+
+from ..configuration_dmil import CORRUPTION_INPUT, column_of
+from .degrade import Degradation, degrade_split
+
+# Levels of the corrupted copies (1 = the signal replaced by noise), drawn with equal probability. The evaluation's
+# partial levels (0.25, 0.5, 0.75) lie between them.
+TRAINING_LEVELS = (0.4, 0.7, 1.0, 1.0)
+
+
+def add_training_corruption(split: Dataset, modalities, fraction: float = 0.15, levels=TRAINING_LEVELS,
+                            seed: int = 0) -> Dataset:
+    """`split` plus its corrupted copies and the `modality_corruption` column (see the module docstring).
+
+    Args:
+        split: a training split in the dataset schema.
+        modalities: the modalities present, in the model's order (`config.modalities`): the order of the column.
+        fraction: the share of rows copied with each modality corrupted (`0` adds the column only).
+        levels: the corruption levels to draw from (in (0, 1]; 1 replaces the signal with noise).
+        seed: the draw of rows, levels and noise.
+    """
+    modalities = list(modalities)
+    missing = [m for m in modalities if column_of(m) not in split.column_names]
+    if missing:
+        raise ValueError(f"modalities {missing} have no column in this split (its columns: {split.column_names}).")
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1]; got {fraction!r}.")
+    if not levels or any(not 0.0 < float(level) <= 1.0 for level in levels):
+        raise ValueError(f"levels must be a non-empty list of values in (0, 1]; got {levels!r}.")
+    feature = Sequence(Value("float32"), length=len(modalities))
+    if CORRUPTION_INPUT in split.column_names:
+        raise ValueError(f"split already has a {CORRUPTION_INPUT!r} column: it was corrupted before.")
+    parts = [split.add_column(CORRUPTION_INPUT, [[0.0] * len(modalities)] * len(split), feature=feature)]
+    count = int(round(float(fraction) * len(split)))
+    rng = np.random.default_rng([seed, 7])
+    for position, modality in enumerate(modalities):
+        if count == 0:
+            break
+        rows = np.sort(rng.choice(len(split), size=count, replace=False))
+        drawn = rng.choice(np.asarray(levels, dtype=np.float64), size=count)
+        for level in sorted(set(drawn.tolist())):
+            chosen = rows[drawn == level].tolist()
+            kind = Degradation("noise") if level == 1.0 else Degradation("partial", level)
+            corrupted = degrade_split(split.select(chosen), modality, kind, seed=seed + 1000 * position)
+            corrupted = corrupted.cast(split.features)
+            value = [0.0] * len(modalities)
+            value[position] = float(level)
+            parts.append(corrupted.add_column(CORRUPTION_INPUT, [value] * len(corrupted), feature=feature))
+    return concatenate_datasets(parts)
+
+
+__all__ = ["TRAINING_LEVELS", "add_training_corruption"]

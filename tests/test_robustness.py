@@ -1,0 +1,259 @@
+"""Graceful degradation: the degradation kinds, corrupted training rows, modality dropout and DMIL's per-sample,
+per-modality reliability (a modality judged unreliable is handled like a missing one)."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from dmil_hf import DmilForMultimodalClassification
+from dmil_hf.configuration_dmil import CORRUPTION_INPUT
+from dmil_hf.data import (DEGRADATIONS, Degradation, add_training_corruption, degrade_split, make_synthetic,
+                          parse_degraded_name)
+from dmil_hf.data.degrade import TRAINING_KINDS
+from dmil_hf.modeling_dmil import component_reliability, drop_modalities
+from dmil_hf.preprocess import encode_split
+
+from conftest import ModelTester
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(num_samples=400, bayes_samples=200)
+
+
+def _raw_split(n=6):
+    rng = np.random.default_rng(0)
+    return Dataset.from_dict({
+        "labels": [i % 2 for i in range(n)],
+        "text": ["the digit seven is shown here"] * n,
+        "image": [rng.integers(60, 200, (12, 12), dtype=np.uint8) for _ in range(n)],
+        "audio": [(0.3 * np.sin(np.arange(8000) / 7.0)).astype(np.float32) for _ in range(n)],
+        "audio_sampling_rate": [16000] * n,
+    })
+
+
+# --------------------------------------------------------------------------------------------- degradation kinds
+def test_every_degradation_name_parses_back():
+    for degradation in DEGRADATIONS:
+        for modality in ("text", "a", "my_feature"):
+            assert parse_degraded_name(f"{degradation.name}_{modality}") == (degradation, modality)
+    assert parse_degraded_name("partial30_b") == (Degradation("partial", 0.3), "b")
+    with pytest.raises(ValueError, match="not a degraded-set name"):
+        parse_degraded_name("smudged")
+
+
+def test_held_out_kinds_are_not_training_kinds():
+    held_out = {d.kind for d in DEGRADATIONS if d.held_out}
+    assert held_out == {"blank", "blur", "occlusion", "background", "word_dropout"}
+    assert not held_out & set(TRAINING_KINDS)
+    assert {d.kind for d in DEGRADATIONS if d.removes_information} == {"missing", "noise", "blank"}
+
+
+def test_feature_blank_and_partial_mix_signal_with_noise(synthetic):
+    test = synthetic["test"]
+    clean = np.asarray(test["a_features"])
+    blank = np.asarray(degrade_split(test, "a", "blank")["a_features"])
+    assert np.all(blank == 0) and blank.shape == clean.shape
+    half = np.asarray(degrade_split(test, "a", "partial", level=0.5)["a_features"])
+    # half the signal plus half a noise with the column's mean and std, independent of the signal
+    residual = (half - 0.5 * clean) / 0.5
+    assert np.mean(residual.std(0) / clean.std(0)) == pytest.approx(1.0, abs=0.15)
+    assert np.mean(np.abs(residual.mean(0) - clean.mean(0))) < 0.2
+    assert abs(np.corrcoef(residual.ravel(), clean.ravel())[0, 1]) < 0.2
+    assert np.asarray(degrade_split(test, "a", "partial", level=0.5)["b_features"]).tolist() == test["b_features"]
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\]"):
+        degrade_split(test, "a", "partial", level=1.5)
+
+
+def test_raw_input_corruptions():
+    split = _raw_split()
+    image = np.asarray(split.with_format("numpy")["image"][0], dtype=np.float64)
+    black = np.asarray(degrade_split(split, "vision", "blank").with_format("numpy")["image"][0])
+    assert black.shape == image.shape and black.max() == 0
+    blurred = np.asarray(degrade_split(split, "vision", "blur", level=1.5).with_format("numpy")["image"][0], float)
+    assert blurred.std() < image.std() and abs(blurred.mean() - image.mean()) < 3
+    occluded = np.asarray(degrade_split(split, "vision", "occlusion", level=0.25).with_format("numpy")["image"][0])
+    assert (occluded == 0).sum() == 36 and (image > 0).all()  # a 6 x 6 square of a 12 x 12 image
+    clip = np.asarray(split["audio"][0])
+    assert not np.any(degrade_split(split, "audio", "blank")["audio"][0])
+    noisy = np.asarray(degrade_split(split, "audio", "background", level=5.0)["audio"][0])
+    snr = 10 * np.log10((clip ** 2).mean() / ((noisy - clip) ** 2).mean())
+    assert snr == pytest.approx(5.0, abs=0.5)
+    assert degrade_split(split, "text", "blank")["text"][0] == ""
+    dropped = degrade_split(_raw_split(200), "text", "word_dropout", level=0.5)["text"]
+    assert 0.35 < np.mean([len(t.split()) for t in dropped]) / 6 < 0.65
+    with pytest.raises(ValueError, match="'background' applies to the columns"):
+        degrade_split(split, "text", "background")
+
+
+# ------------------------------------------------------------------------------------------ training corruption
+def test_training_corruption_copies_rows_with_one_modality_corrupted(synthetic):
+    train = synthetic["train"]
+    out = add_training_corruption(train, ["a", "b"], fraction=0.2, seed=3)
+    count = round(0.2 * len(train))
+    assert len(out) == len(train) + 2 * count
+    levels = np.asarray(out[CORRUPTION_INPUT])
+    assert levels.shape == (len(out), 2) and np.all(levels[: len(train)] == 0)
+    added = levels[len(train):]
+    assert np.all((added > 0).sum(1) == 1)
+    assert all(np.isclose(level, [0.4, 0.7, 1.0]).any() for level in np.unique(added[added > 0]))
+    assert (added[:, 0] > 0).sum() == count == (added[:, 1] > 0).sum()
+    a, b = (np.asarray(out[f"{m}_features"]) for m in "ab")
+    clean_a = np.asarray(train["a_features"])
+    for row in np.flatnonzero(added[:, 0] > 0):  # b untouched, a changed, the label kept
+        source = np.flatnonzero(np.all(np.asarray(train["b_features"]) == b[len(train) + row], axis=1))
+        assert len(source) == 1 and not np.allclose(clean_a[source[0]], a[len(train) + row])
+        assert train["labels"][source[0]] == out["labels"][len(train) + row]
+    again = add_training_corruption(train, ["a", "b"], fraction=0.2, seed=3)
+    assert again["a_features"] == out["a_features"]  # deterministic in the seed
+    with pytest.raises(ValueError, match="already has"):
+        add_training_corruption(out, ["a", "b"])
+    with pytest.raises(ValueError, match="no column"):
+        add_training_corruption(train, ["a", "z"])
+
+
+def test_corruption_levels_reach_the_model_inputs(synthetic):
+    out = add_training_corruption(synthetic["train"], ["a", "b"], fraction=0.1)
+    encoded = encode_split(out, None, ["a", "b"])
+    assert CORRUPTION_INPUT in encoded.column_names
+    assert encoded[-1:][CORRUPTION_INPUT].shape == (1, 2)
+
+
+# --------------------------------------------------------------------------------------- modality dropout
+def test_modality_dropout_keeps_one_modality_per_sample():
+    torch.manual_seed(0)
+    mask = torch.ones(4000, 3, dtype=torch.bool)
+    mask[:1000, 2] = False
+    dropped = drop_modalities(mask, 0.3)
+    assert dropped.any(1).all() and not (dropped & ~mask).any()
+    assert 0.25 < 1 - dropped[1000:].float().mean().item() < 0.32
+    assert torch.equal(drop_modalities(mask, 0.0), mask)
+
+
+def test_component_reliability():
+    r = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.5, 0.5], [0.0, 0.0]])
+    out = component_reliability(r)  # redundancy, unique_a, unique_b, synergy
+    expected = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0], [0.75, 0.5, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+    three = component_reliability(torch.tensor([[1.0, 1.0, 0.0]]))
+    assert three[0, -1] == 1.0  # synergy needs two of three
+
+
+# ------------------------------------------------------------------------------------------- reliability
+def _features_tester(**kwargs):
+    return ModelTester(("alpha", "beta"), batch_size=8, **kwargs)
+
+
+def test_without_corrupted_training_reliability_is_one_and_changes_nothing():
+    tester = _features_tester()
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    plain = DmilForMultimodalClassification(tester.config(reliability_gating=False)).eval()
+    missing = plain.load_state_dict(model.state_dict(), strict=False)
+    assert all(k.startswith("dmil.reliability.") for k in missing.unexpected_keys) and not missing.missing_keys
+    inputs = tester.inputs()
+    out, reference = model(**inputs), plain(**inputs)
+    assert torch.equal(out.modality_reliability, torch.ones(8, 2))
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.interaction_weights, reference.interaction_weights, rtol=0, atol=0)
+    assert reference.modality_reliability is None
+
+
+def test_unreliable_modality_is_handled_like_a_missing_one():
+    tester = _features_tester()
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    heads = model.dmil.reliability
+    heads.calibrated.fill_(1.0)
+    with torch.no_grad():  # alpha judged broken (logit -30), beta working (+30)
+        for name, bias in (("alpha", -30.0), ("beta", 30.0)):
+            heads.heads[name][-1].weight.zero_()
+            heads.heads[name][-1].bias.fill_(bias)
+    inputs = tester.inputs()
+    out = model(**inputs)
+    names = model.config.component_names
+    assert out.modality_reliability[:, 0].max() < 1e-6 and out.modality_reliability[:, 1].min() > 1 - 1e-6
+    for component in ("unique_alpha", "synergy"):
+        assert out.gate_weights[:, names.index(component)].max() < 1e-3
+        assert out.interaction_weights[:, names.index(component)].max() < 1e-6
+    # the prediction is what the model predicts with alpha missing
+    heads.calibrated.zero_()
+    without = model(beta_features=inputs["beta_features"])
+    torch.testing.assert_close(out.logits, without.logits, atol=2e-3, rtol=0)
+
+
+def test_reliability_learns_to_spot_corrupted_rows():
+    tester = _features_tester()
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config()).train()
+    model.set_training_stage(1)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n):  # alpha shows the label as a one-hot pattern; its noise is Gaussian with the same mean and std
+        labels = torch.randint(0, 3, (n,), generator=g)
+        alpha = 2.0 * torch.nn.functional.one_hot(labels, 6).float() + 0.1 * torch.randn(n, 6, generator=g)
+        noise = alpha.mean(0) + alpha.std(0) * torch.randn(n, 6, generator=g)
+        return labels, alpha, noise, {"beta_features": torch.randn(n, 4, generator=g)}
+
+    for _ in range(300):
+        labels, alpha, noise, inputs = batch(32)
+        broken = torch.rand(32, generator=g) < 0.3
+        corruption = torch.zeros(32, 2)
+        corruption[broken, 0] = 1.0
+        alpha = torch.where(broken.unsqueeze(1), noise, alpha)
+        loss = model(alpha_features=alpha, **inputs, labels=labels, modality_corruption=corruption).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.dmil.reliability.calibrated == 1
+    model.eval()
+    _, alpha, noise, inputs = batch(64)
+    clean, noisy = dict(inputs, alpha_features=alpha), dict(inputs, alpha_features=noise)
+    assert model(**clean).modality_reliability[:, 0].mean() > 0.8
+    assert model(**noisy).modality_reliability[:, 0].mean() < 0.3
+    assert model(**noisy).modality_reliability[:, 1].mean() > 0.8
+
+
+def test_corruption_input_shape_is_checked():
+    tester = _features_tester()
+    model = DmilForMultimodalClassification(tester.config())
+    with pytest.raises(ValueError, match="modality_corruption must be a tensor of shape"):
+        model(**tester.inputs(), modality_corruption=torch.zeros(8, 3))
+
+
+def test_reliability_survives_save_and_reload(tmp_path):
+    tester = _features_tester()
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    model.dmil.reliability.calibrated.fill_(1.0)
+    model.save_pretrained(tmp_path)
+    again = DmilForMultimodalClassification.from_pretrained(tmp_path).eval()
+    assert again.dmil.reliability.calibrated == 1
+    inputs = tester.inputs()
+    torch.testing.assert_close(again(**inputs).modality_reliability, model(**inputs).modality_reliability)
+
+
+def test_pipeline_reports_modality_reliability(tmp_path):
+    from transformers import pipeline
+
+    import dmil_hf  # noqa: F401  (registers the task)
+
+    tester = _features_tester()
+    DmilForMultimodalClassification(tester.config()).save_pretrained(tmp_path)
+    classifier = pipeline("multimodal-classification", model=str(tmp_path))
+    result = classifier({"alpha_features": np.zeros(6, np.float32), "beta_features": np.ones(4, np.float32)})
+    assert result["modality_reliability"] == {"alpha": 1.0, "beta": 1.0}
+    alone = classifier({"beta_features": np.ones(4, np.float32)})
+    assert alone["modality_reliability"] == {"beta": 1.0}
+
+
+def test_dataset_dict_of_corrupted_train_trains_end_to_end(tmp_path, synthetic):
+    from dmil_hf.experiment import RunSettings, run_training
+
+    small = DatasetDict({k: v.select(range(min(len(v), 80))) for k, v in synthetic.items()})
+    small.save_to_disk(str(tmp_path / "data"))
+    metrics = run_training(RunSettings(dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
+                                       stage_epochs=(1, 1, 1), train_corruption=0.25))
+    model = DmilForMultimodalClassification.from_pretrained(tmp_path / "run")
+    assert model.dmil.reliability.calibrated == 1 and metrics["test"]["n"] == 60
