@@ -35,7 +35,6 @@ class DmilJointConfig(DmilConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("model_type", None)
-        kwargs.setdefault("modality_dropout", 0.0)  # DMIL's default; the plain baselines train without it
         super().__init__(**kwargs)
 
 
@@ -46,7 +45,6 @@ class DmilEnsembleConfig(DmilConfig):
 
     def __init__(self, **kwargs):
         kwargs.pop("model_type", None)
-        kwargs.setdefault("modality_dropout", 0.0)  # DMIL's default; the plain baselines train without it
         super().__init__(**kwargs)
 
 
@@ -69,7 +67,6 @@ class DmilI2moeConfig(DmilConfig):
             raise ValueError(f"`i2moe_interaction_weight` is {i2moe_interaction_weight}; expected a number >= 0.")
         self.i2moe_temperature = float(i2moe_temperature)
         self.i2moe_interaction_weight = float(i2moe_interaction_weight)
-        kwargs.setdefault("modality_dropout", 0.0)
         super().__init__(**kwargs)
 
 
@@ -102,8 +99,8 @@ class _DmilBaselineModel(DmilPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, inputs)
         embeds, mask, hidden_states, attentions = self.encoders.encode(inputs, modality_mask, *options[1:])
-        if self.training and self.config.modality_dropout > 0:  # the practitioner's modality dropout
-            mask = drop_modalities(mask, self.config.modality_dropout)
+        if self.training and self.config.modality_dropout_probability > 0:  # the practitioner's modality dropout
+            mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         return options[0], embeds, mask, {"hidden_states": hidden_states, "attentions": attentions}
 

@@ -147,7 +147,8 @@ def _measure(run_dir, configuration, preset) -> dict:
     import torch
     from transformers import AutoProcessor
 
-    from .data import dataset_metadata, degraded_test_sets
+    from .data import dataset_metadata
+    from .data.degrade import degradation_report
     from .experiment import evaluate_model
     from .loading import load_model
     from .preprocess import encode_split
@@ -158,8 +159,9 @@ def _measure(run_dir, configuration, preset) -> dict:
     processor = AutoProcessor.from_pretrained(run_dir) if towers else None
     out = {"degraded": {}, "parameters": sum(p.numel() for p in model.parameters()),
            "num_labels": model.config.num_labels}
-    for name, split in degraded_test_sets(dsd).items():
-        out["degraded"][name] = evaluate_model(model, processor, split)[0]["accuracy"]
+    report = degradation_report(lambda split: evaluate_model(model, processor, split)[0], dsd,
+                                num_labels=model.config.num_labels)
+    out["degraded"], out["degradation_gap"] = report["accuracy"], report["gap"]
     _, predictions = evaluate_model(model, processor, dsd["test"])
     for key, name in (("interaction_weights", "readout"), ("gate_weights", "gate")):
         if key in predictions and "interaction" in dsd["test"].column_names:
@@ -276,6 +278,8 @@ def summarize(runs) -> dict:
                 "accuracy": _mean_std([r["test"]["accuracy"] for r in rows]),
                 "by_interaction": {k: _mean_std([r["test"]["by_interaction"].get(k) for r in rows]) for k in kinds},
                 "degraded": {k: _mean_std([r["degraded"].get(k) for r in rows]) for k in degraded},
+                "degradation_gap": {k: _mean_std([r.get("degradation_gap", {}).get(k) for r in rows])
+                                    for k in sorted({k for r in rows for k in r.get("degradation_gap", {})})},
                 "train_seconds": _mean_std([r["train_seconds"] for r in rows]),
                 "latency_ms_per_batch64": _mean_std([r["latency_ms_per_batch64"] for r in rows]),
                 "peak_memory_mb": _mean_std([r["peak_memory_mb"] for r in rows]),

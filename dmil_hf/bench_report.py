@@ -147,10 +147,18 @@ def render_markdown(results: dict) -> str:
             row = [f"**{method}**" if method == "dmil" else method, _fmt(entry["accuracy"])]
             row += [_fmt(entry["by_interaction"].get(k)) for k in kinds]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "Degraded test sets (one modality replaced by noise, or missing):", ""]
+        lines += ["", "Degraded test sets (`dmil_hf.data.degrade`; blank and the natural corruptions are held out of "
+                  "every method's training):", ""]
         lines += ["| method | " + " | ".join(degraded) + " |", "|" + "---|" * (len(degraded) + 1)]
         for method, entry in methods.items():
             lines.append(f"| {method} | " + " | ".join(_fmt(entry["degraded"].get(k)) for k in degraded) + " |")
+        gaps = sorted(first.get("degradation_gap") or {})
+        if gaps:
+            lines += ["", "Degradation gap (attainable level minus accuracy, points; the attainable level keeps each "
+                      "type's clean accuracy except what the lost modality makes impossible):", ""]
+            lines += ["| method | " + " | ".join(gaps) + " |", "|" + "---|" * (len(gaps) + 1)]
+            for method, entry in methods.items():
+                lines.append(f"| {method} | " + " | ".join(_fmt(entry["degradation_gap"].get(k)) for k in gaps) + " |")
         lines += ["", "| method | train s | latency ms / batch of 64 | peak RSS MB | parameters |", "|---|---|---|---|---|"]
         for method, entry in methods.items():
             lines.append(f"| {method} | {_fmt(entry['train_seconds'], 1, 1)} | {_fmt(entry['latency_ms_per_batch64'], 1, 2)}"

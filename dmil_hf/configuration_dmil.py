@@ -49,6 +49,9 @@ FEATURES = "features"
 # `config.modalities` order (0 clean, 1 replaced by noise): `dmil_hf.data.add_training_corruption` writes it; DMIL
 # learns its per-modality reliability from it, and no method reads it at inference.
 CORRUPTION_INPUT = "modality_corruption"
+# Modality dropout by model type where `DmilConfig.modality_dropout` is None: DMIL trains its missing-modality path;
+# the plain baselines train as published (the benchmark's `joint_robust` row asks for it explicitly).
+DEFAULT_MODALITY_DROPOUT = {"dmil": 0.1}
 # The main inputs each tower kind may have; a config whose model does not take one of these is refused.
 TOWER_INPUTS = {name: tuple(tower.main_inputs) for name, tower in TOWERS.items()}
 RESERVED_NAMES = (frozenset(TOWERS) | {tower.column for tower in TOWERS.values()}
@@ -209,9 +212,10 @@ class DmilConfig(PretrainedConfig):
         reliability_loss_weight (`float`, defaults to 1.0): weight of the reliability heads' loss (binary
             cross-entropy against 1 - corruption level, in every stage; the heads read detached inputs, so the loss
             trains them only).
-        modality_dropout (`float`, defaults to 0.1; 0 for the baselines' configs): in training (DMIL: stages 2 and
-            3), the probability that a sample loses each modality (as if it were missing; at least one stays), so the
-            missing-modality path is trained rather than only masked.
+        modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
+            loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
+            rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
+            for DMIL, 0 for the baselines, which a config converted between methods keeps).
         freeze_towers (`bool` or `list[str]`, defaults to `False`): towers that never train: `True` for every tower,
             or a list of modality names (e.g. `["text", "audio"]`). A frozen tower stays in eval mode in every stage
             (no dropout, no batch-norm updates), its parameters have `requires_grad=False` and it runs without a
@@ -274,7 +278,7 @@ class DmilConfig(PretrainedConfig):
         freeze_towers: bool | list[str] = False,
         reliability_gating: bool = True,
         reliability_loss_weight: float = 1.0,
-        modality_dropout: float = 0.1,
+        modality_dropout: float | None = None,
         **kwargs,
     ):
         self._refuse_unknown_keywords(kwargs)
@@ -344,13 +348,13 @@ class DmilConfig(PretrainedConfig):
         self.stage2_learning_rate = stage2_learning_rate
         self.stage3_learning_rate = stage3_learning_rate
         self.training_stage = int(training_stage)
-        if not 0.0 <= float(modality_dropout) < 1.0:
-            raise ValueError(f"`modality_dropout` is {modality_dropout}; expected a probability in [0, 1).")
+        if modality_dropout is not None and not 0.0 <= float(modality_dropout) < 1.0:
+            raise ValueError(f"`modality_dropout` is {modality_dropout}; expected a probability in [0, 1) or None.")
         if float(reliability_loss_weight) < 0:
             raise ValueError(f"`reliability_loss_weight` is {reliability_loss_weight}; expected a number >= 0.")
         self.reliability_gating = bool(reliability_gating)
         self.reliability_loss_weight = float(reliability_loss_weight)
-        self.modality_dropout = float(modality_dropout)
+        self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
             raise TypeError(f"`freeze_towers` is {freeze_towers!r}; expected True, False or a list of modality names.")
@@ -447,6 +451,13 @@ class DmilConfig(PretrainedConfig):
         (sorted because the saved JSON sorts its keys: the order must survive a save/load round trip)."""
         towers = tuple(m for m in TOWER_MODALITIES if getattr(self, f"{m}_config", None) is not None)
         return towers + tuple(sorted(self.feature_modalities))
+
+    @property
+    def modality_dropout_probability(self) -> float:
+        """`modality_dropout`, or where it is None the default of this model type (0.1 for DMIL, 0 otherwise)."""
+        if self.modality_dropout is not None:
+            return self.modality_dropout
+        return DEFAULT_MODALITY_DROPOUT.get(self.model_type, 0.0)
 
     @property
     def component_names(self) -> tuple[str, ...]:

@@ -70,6 +70,8 @@ class DmilModelOutput(ModelOutput):
             for each sample (those needing an absent modality do not).
         modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`): projected towers.
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): which modalities are present.
+        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`): how far each present
+            modality of each sample can be trusted, in [0, 1] (0 for absent ones; see [`DmilReliability`]).
         task_relevant_embeds / task_irrelevant_embeds (`torch.FloatTensor` of shape
             `(batch_size, num_modalities, latent_size)`): level-1 latents (samples in training, means in eval).
         hidden_states (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_hidden_states=True`): each
@@ -80,21 +82,19 @@ class DmilModelOutput(ModelOutput):
             computes none; transformers then warns and the tuple is empty).
         loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
-        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`): how far each present
-            modality of each sample can be trusted, in [0, 1] (0 for absent ones; see [`DmilReliability`]).
     """
 
     component_embeds: torch.FloatTensor | None = None
     component_mask: torch.BoolTensor | None = None
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
+    modality_reliability: torch.FloatTensor | None = None
     task_relevant_embeds: torch.FloatTensor | None = None
     task_irrelevant_embeds: torch.FloatTensor | None = None
     hidden_states: dict | None = None
     attentions: dict | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
-    modality_reliability: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -121,13 +121,13 @@ class DmilClassifierOutput(ModelOutput):
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`).
         modality_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, hidden_size)`).
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`).
+        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, DMIL only): the per-sample
+            reliability of each modality in [0, 1], computed without labels (see [`DmilReliability`]); a modality near
+            0 is handled like a missing one.
         hidden_states / attentions (`dict[str, tuple[torch.FloatTensor]]`, *optional*): the towers', by modality,
             as in [`DmilModelOutput`].
         loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
         component_names (`tuple[str]`).
-        modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, DMIL only): the per-sample
-            reliability of each modality in [0, 1], computed without labels (see [`DmilReliability`]); a modality near
-            0 is handled like a missing one.
     """
 
     loss: torch.FloatTensor | None = None
@@ -140,11 +140,11 @@ class DmilClassifierOutput(ModelOutput):
     component_embeds: torch.FloatTensor | None = None
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
+    modality_reliability: torch.FloatTensor | None = None
     hidden_states: dict | None = None
     attentions: dict | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
-    modality_reliability: torch.FloatTensor | None = None
 
 
 def gaussian_kl(mean, logvar, prior_mean=None, prior_logvar=None):
@@ -984,8 +984,8 @@ class DmilModel(DmilPreTrainedModel):
             embeds, mask, hidden_states, attentions, pooled = self.encoders.encode(
                 inputs, modality_mask, output_hidden_states, output_attentions, return_pooled=True)
         corruption = self._check_corruption(modality_corruption, mask)
-        if self.training and self.config.training_stage != 1 and self.config.modality_dropout > 0:
-            mask = drop_modalities(mask, self.config.modality_dropout)
+        if self.training and self.config.training_stage != 1 and self.config.modality_dropout_probability > 0:
+            mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         if hasattr(self, "reliability"):
             reliability, reliability_terms = self.reliability(pooled, mask, corruption)

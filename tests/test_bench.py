@@ -80,7 +80,9 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
     assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("dmil", 0), ("ensemble", 0)]
     for run in saved["runs"]:
         assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["test"]["n"] == 45
-        assert set(run["degraded"]) == {"missing_a", "missing_b", "noise_a", "noise_b"}
+        kinds = ("missing", "noise", "blank", "partial25", "partial50", "partial75")
+        assert set(run["degraded"]) == {f"{kind}_{m}" for kind in kinds for m in "ab"}
+        assert set(run["degradation_gap"]) == {f"{kind}_{m}" for kind in ("missing", "noise", "blank") for m in "ab"}
         assert run["parameters"] > 0 and run["latency_ms_per_batch64"] > 0 and run["peak_memory_mb"] > 0
     assert "interaction_profile" in saved["runs"][0] and "interaction_profile" not in saved["runs"][1]
     assert {"readout", "gate"} <= set(saved["runs"][0]) and "readout" not in saved["runs"][1]

@@ -257,3 +257,16 @@ def test_dataset_dict_of_corrupted_train_trains_end_to_end(tmp_path, synthetic):
                                        stage_epochs=(1, 1, 1), train_corruption=0.25))
     model = DmilForMultimodalClassification.from_pretrained(tmp_path / "run")
     assert model.dmil.reliability.calibrated == 1 and metrics["test"]["n"] == 60
+
+
+def test_attainable_accuracy_keeps_what_the_lost_modality_does_not_carry():
+    from dmil_hf.data.degrade import attainable_accuracy
+
+    clean = {"redundancy": 1.0, "unique_a": 0.9, "unique_b": 0.8, "synergy": 0.6}
+    shares = {"redundancy": 0.25, "unique_a": 0.25, "unique_b": 0.25, "synergy": 0.25}
+    # no metadata: unique_a and (two modalities) synergy fall to chance
+    assert attainable_accuracy(clean, shares, "a", 4) == pytest.approx(0.25 * (1.0 + 0.25 + 0.8 + 0.25))
+    # metadata: no type beats its Bayes accuracy with the modality missing (synergy 0.91 > clean 0.6 keeps 0.6)
+    bayes = {"bayes_accuracy_degraded": {"missing_a": {"redundancy": 1.0, "unique_a": 0.1, "unique_b": 1.0,
+                                                       "synergy": 0.91}}}
+    assert attainable_accuracy(clean, shares, "a", 4, bayes) == pytest.approx(0.25 * (1.0 + 0.1 + 0.8 + 0.6))

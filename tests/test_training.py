@@ -345,8 +345,11 @@ def test_cli_train_then_evaluate_user_dataset(tmp_path):
                  "--degraded", "--output", str(tmp_path / "eval_val.json")]) == 0
     report = json.loads((tmp_path / "eval_val.json").read_text())["test"]
     assert report["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
-    assert set(report["degraded"]) == {f"{mode}_{m}" for mode in ("noise", "missing") for m in ("alpha", "beta")}
-    assert all(0.0 <= v <= 1.0 for v in report["degraded"].values())
+    degraded = report["degraded"]
+    kinds = ("missing", "noise", "blank", "partial25", "partial50", "partial75")
+    assert set(degraded["accuracy"]) == {f"{kind}_{m}" for kind in kinds for m in ("alpha", "beta")}
+    assert all(0.0 <= v <= 1.0 for v in degraded["accuracy"].values())
+    assert degraded["clean"] == pytest.approx(report["accuracy"]) and "blank" in degraded["held_out_kinds"]
 
 
 def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path, capsys):

@@ -13,7 +13,8 @@ def add_parser(subparsers):
     p.add_argument("--dataset", required=True, help="built-in name or a save_to_disk folder")
     p.add_argument("--split", default="test", help="split to evaluate (validation for model selection)")
     p.add_argument("--degraded", action="store_true",
-                   help="also evaluate copies of the split with each modality replaced by noise, or missing")
+                   help="also evaluate copies of the split with each modality degraded (missing, noise, blank, partial "
+                        "noise levels, natural corruptions), with the attainable level and the degradation gap")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
     p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE")
@@ -54,12 +55,15 @@ def run(args) -> int:
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
-    if args.degraded:  # each shared modality noised, and dropped where another one remains
-        from ..data.degrade import MODES, degrade_split
+    if args.degraded:  # every degradation of each shared modality (missing only where another one remains)
+        from ..data.degrade import degradation_report
 
-        report["degraded"] = {
-            f"{mode}_{m}": evaluate_model(model, processor, degrade_split(dsd[args.split], m, mode), shared)[0]["accuracy"]
-            for m in shared for mode in MODES if mode == "noise" or len(shared) > 1}
+        report["degraded"] = degradation_report(
+            lambda split: evaluate_model(model, processor, split, shared)[0], dsd, args.split,
+            num_labels=model.config.num_labels, modalities=shared)
+        if len(shared) == 1:
+            report["degraded"]["accuracy"] = {k: v for k, v in report["degraded"]["accuracy"].items()
+                                              if not k.startswith("missing_")}
     result = {"test": report, "modalities_used": shared}
     if absent:
         result["modalities_absent"] = absent

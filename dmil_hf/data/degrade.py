@@ -251,5 +251,61 @@ def degraded_test_sets(dsd: DatasetDict, seed: int = 0, degradations=DEGRADATION
     return out
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "INFORMATION_REMOVING_KINDS", "MODES", "TRAINING_KINDS", "degrade_split",
+def attainable_accuracy(clean_by_type: dict, shares: dict, modality: str, num_labels: int,
+                        metadata: dict | None = None) -> float:
+    """
+    What a method can keep when `modality` says nothing any more (missing, noised, blank): every interaction type
+    keeps its clean accuracy `clean_by_type[t]`, except that no type can beat the Bayes accuracy with that modality
+    missing (`metadata["bayes_accuracy_degraded"]["missing_<modality>"][t]`, which the built-in datasets store).
+    Without that metadata, the types that need the modality (`unique_<modality>`; `synergy` with two modalities)
+    fall to chance, `1 / num_labels`. `shares`: each type's share of the evaluated split. The **degradation gap**
+    is this minus the accuracy on the degraded set.
+    """
+    bayes = ((metadata or {}).get("bayes_accuracy_degraded") or {}).get(f"missing_{modality}")
+    two_modalities = sum(1 for t in shares if t.startswith("unique_")) == 2
+    total = 0.0
+    for kind, share in shares.items():
+        accuracy = clean_by_type[kind]
+        if bayes is not None and kind in bayes:
+            accuracy = min(accuracy, bayes[kind])
+        elif bayes is None and (kind == f"unique_{modality}" or (kind == "synergy" and two_modalities)):
+            accuracy = min(accuracy, 1.0 / num_labels)
+        total += share * accuracy
+    return total
+
+
+def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labels: int | None = None,
+                       modalities=None, seed: int = 0) -> dict:
+    """
+    Accuracy on every degraded copy of `split` (`degraded_test_sets`), and for the kinds that remove a modality's
+    information, the attainable level and the gap (see [`attainable_accuracy`]) where the split has interaction
+    types. `evaluate(split) -> report` gives a report with `accuracy` (and `by_interaction`), e.g.
+    `lambda s: dmil_hf.experiment.evaluate_model(model, processor, s)[0]`. `modalities`: the ones to degrade (default:
+    all of the dataset's).
+    """
+    from .schema import dataset_metadata
+
+    clean = evaluate(dsd[split])
+    out = {"clean": clean["accuracy"], "accuracy": {}, "attainable": {}, "gap": {}}
+    interactions = dsd[split]["interaction"] if "interaction" in dsd[split].column_names else None
+    shares = None
+    if interactions is not None and clean.get("by_interaction") and num_labels:
+        values = np.asarray(interactions)
+        shares = {t: float((values == t).mean()) for t in clean["by_interaction"]}
+    metadata = dataset_metadata(dsd)
+    for name, degraded in degraded_test_sets(dsd, seed=seed, split=split).items():
+        degradation, modality = parse_degraded_name(name)
+        if modalities is not None and modality not in modalities:
+            continue
+        out["accuracy"][name] = evaluate(degraded)["accuracy"]
+        if shares is not None and degradation.removes_information:
+            attainable = attainable_accuracy(clean["by_interaction"], shares, modality, num_labels, metadata)
+            out["attainable"][name] = attainable
+            out["gap"][name] = attainable - out["accuracy"][name]
+    out["held_out_kinds"] = sorted({d.kind for d in DEGRADATIONS if d.held_out})
+    return out
+
+
+__all__ = ["DEGRADATIONS", "Degradation", "INFORMATION_REMOVING_KINDS", "MODES", "TRAINING_KINDS", "attainable_accuracy",
+           "degradation_report", "degrade_split",
            "degraded_test_sets", "parse_degraded_name"]

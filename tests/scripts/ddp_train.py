@@ -31,7 +31,8 @@ data = Dataset.from_dict({
 set_seed(0)
 # Dropout off, so one process and two see exactly the same computation on the same global batch.
 config = DmilConfig(feature_modalities={"alpha": 6, "beta": 4}, num_labels=3, hidden_size=16, latent_size=8,
-                    feature_hidden_size=16, dropout=0.0, freeze_towers=["alpha"])
+                    feature_hidden_size=16, dropout=0.0, modality_dropout=0.0,
+                    freeze_towers=["alpha"])
 model = build_model(method, config)
 splits, records = cache_tower_embeddings(model, {"train": data}, ["alpha"], output_dir / "cache", show_progress=False)
 data = splits["train"]
