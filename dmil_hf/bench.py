@@ -28,8 +28,34 @@ CONFIGURATIONS = {
     "synthetic3": ("synthetic", {"num_modalities": 3, "mixture": {
         "redundancy": 0.175, "unique_a": 0.175, "unique_b": 0.175, "unique_c": 0.175, "synergy": 0.3}}),
     "digits": ("digits", {}),
+    "digits-pretrained": ("digits", {}),
+}
+# `dmil train` options of a configuration beyond its data. `digits-pretrained` is `make run`'s setting: frozen, cached
+# MiniLM text and Whisper tiny.en audio towers, a tiny vision transformer trained from scratch, DMIL's stages 4/4/32
+# (the baselines train as long: 40 epochs).
+CONFIGURATION_OPTIONS = {
+    "digits-pretrained": ("--text-model", "all-minilm-l6-v2", "--audio-model", "whisper-tiny.en",
+                          "--freeze-towers", "text", "audio", "--stage-epochs", "4", "4", "32"),
 }
 DATASETS = tuple(CONFIGURATIONS)
+
+
+def _rows() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The benchmark's rows: row name -> (registered method, extra `dmil train` options). Every method as its
+    defaults train it, and `joint_robust`: joint learning with the robustness training DMIL gets by default
+    (corrupted training rows and modality dropout at DMIL's rates), what a practitioner would do instead of DMIL."""
+    from .configuration_dmil import DEFAULT_MODALITY_DROPOUT
+
+    rows = {m: (m, ()) for m in METHODS}
+    robust = ("--train-corruption", str(METHODS["dmil"].train_corruption),
+              "--modality-dropout", str(DEFAULT_MODALITY_DROPOUT["dmil"]))
+    order = list(rows)
+    order.insert(order.index("joint") + 1, "joint_robust")
+    rows["joint_robust"] = ("joint", robust)
+    return {name: rows[name] for name in order}
+
+
+ROWS = _rows()
 # Sizes and epochs per mode. Full: the defaults of `dmil train`; quick: a smoke-sized version of the same runs.
 PRESETS = {
     "full": {"dataset_kwargs": {}, "stage_epochs": None, "seeds": 3, "ablation_seeds": 1},
@@ -39,7 +65,10 @@ PRESETS = {
 # The DMIL paper's choices where the package's defaults differ (each a `DmilConfig` field). The ablation trains the
 # paper's settings, then the paper's settings with one deviation each, then the defaults.
 PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_gate_penalty": 0.0, "tower_pooling": "auto",
-                  "stage1_synergy_weight": 0.0}
+                  "stage1_synergy_weight": 0.0, "reliability_gating": False, "modality_dropout": 0.0,
+                  "train_corruption": 0.0}
+# Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.
+RUN_OPTIONS = {"train_corruption": "--train-corruption"}
 # Fields that only act on transformer towers: their variants are not trained on feature-only configurations.
 TOWER_FIELDS = ("tower_pooling",)
 
@@ -48,7 +77,10 @@ def ablation_variants() -> dict[str, dict]:
     """Variant name -> `DmilConfig` overrides: `paper`, `paper + <field>` for each deviating field, `defaults`."""
     from .configuration_dmil import DmilConfig
 
-    defaults = {k: getattr(DmilConfig(feature_modalities={"a": 1, "b": 1}), k) for k in PAPER_SETTINGS}
+    config = DmilConfig(feature_modalities={"a": 1, "b": 1})
+    defaults = {k: getattr(config, k) for k in PAPER_SETTINGS if k not in RUN_OPTIONS}
+    defaults.update(modality_dropout=config.modality_dropout_probability,
+                    train_corruption=METHODS["dmil"].train_corruption)
     variants = {"paper": dict(PAPER_SETTINGS)}
     for field, value in defaults.items():
         if value != PAPER_SETTINGS[field]:
@@ -66,21 +98,30 @@ def dataset_arguments(configuration: str, preset: dict) -> tuple[str, dict]:
         configuration, {})}
 
 
-def _train(configuration, method, seed, run_dir, preset, towers, threads=None, overrides=None,
-           python=sys.executable) -> dict:
-    """Run `dmil train` in a subprocess (with `threads` torch threads and `DmilConfig` `overrides`); returns its
-    metrics plus the subprocess's peak resident memory."""
+def train_command(configuration, row, seed, run_dir, preset, towers="tiny", overrides=None,
+                  python=sys.executable) -> list[str]:
+    """The `dmil train` command line of one run: a row of [`ROWS`] on a configuration (its data, then its
+    [`CONFIGURATION_OPTIONS`]), with the ablation's `overrides` and the preset's epochs last (they win)."""
     dataset, kwargs = dataset_arguments(configuration, preset)
+    method, options = ROWS[row]
     cmd = [python, "-m", "dmil_hf.cli", "train", "--dataset", dataset, "--method", method, "--seed", str(seed),
-           "--output-dir", str(run_dir), "--overwrite", "--towers", towers]
+           "--output-dir", str(run_dir), "--overwrite", "--towers", towers,
+           *CONFIGURATION_OPTIONS.get(configuration, ()), *options]
     for key, value in kwargs.items():
         cmd += ["--dataset-arg", f"{key}={json.dumps(value)}"]
     for key, value in (overrides or {}).items():
-        cmd += ["--config-arg", f"{key}={json.dumps(value)}"]
+        cmd += [RUN_OPTIONS[key], str(value)] if key in RUN_OPTIONS else ["--config-arg", f"{key}={json.dumps(value)}"]
     if preset["stage_epochs"]:
         cmd += ["--stage-epochs", *map(str, preset["stage_epochs"])]
         if method != "dmil":
             cmd += ["--epochs", str(sum(preset["stage_epochs"]))]
+    return cmd
+
+
+def _train(configuration, row, seed, run_dir, preset, towers, threads=None, overrides=None) -> dict:
+    """Run [`train_command`] in a subprocess (with `threads` torch threads); returns its metrics plus the
+    subprocess's peak resident memory."""
+    cmd = train_command(configuration, row, seed, run_dir, preset, towers, overrides)
     log = open(Path(run_dir).with_suffix(".log"), "w")
     env = dict(os.environ, TQDM_DISABLE="1")
     if threads:
@@ -90,7 +131,7 @@ def _train(configuration, method, seed, run_dir, preset, towers, threads=None, o
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"training {method} on {configuration} (seed {seed}) failed; see "
+        raise RuntimeError(f"training {row} on {configuration} (seed {seed}) failed; see "
                            f"{Path(run_dir).with_suffix('.log')}")
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     metrics["peak_memory_mb"] = usage.ru_maxrss / 1024.0  # Linux reports KiB
@@ -183,12 +224,12 @@ def _measure(run_dir, configuration, preset) -> dict:
     return out
 
 
-def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(METHODS), seeds=None, quick=False, towers="tiny",
+def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(ROWS), seeds=None, quick=False, towers="tiny",
                   jobs: int = 1, ablation: bool = True) -> dict:
     """
-    Train and measure every (configuration, method, seed), and with `ablation` every DMIL variant of
-    [`ablation_variants`] on every configuration (the preset's `ablation_seeds` seeds); write results.json,
-    results.md and plots to `output_dir`.
+    Train and measure every (configuration, row of [`ROWS`] in `methods`, seed), and with `ablation` every DMIL
+    variant of [`ablation_variants`] on every configuration (the preset's `ablation_seeds` seeds); write
+    results.json, results.md and plots to `output_dir`.
 
     `jobs` training runs go at once, each with an equal share of the CPU cores as torch threads (tiny towers use
     two cores poorly, so two one-thread runs finish sooner than two two-thread runs in turn; their training times
@@ -197,9 +238,9 @@ def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(METHODS), seeds=N
     """
     preset = PRESETS["quick" if quick else "full"]
     seeds = seeds or preset["seeds"]
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(ROWS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {list(METHODS)}.")
+        raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {list(ROWS)}.")
     for configuration in datasets:
         dataset_arguments(configuration, preset)  # unknown names fail before any training
     if int(jobs) < 1:
@@ -270,7 +311,7 @@ def summarize(runs) -> dict:
     summary = {}
     for dataset in sorted({r["dataset"] for r in runs}):
         summary[dataset] = {}
-        for method in [m for m in METHODS if any(r["method"] == m and r["dataset"] == dataset for r in runs)]:
+        for method in [m for m in ROWS if any(r["method"] == m and r["dataset"] == dataset for r in runs)]:
             rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
             kinds = sorted({k for r in rows for k in r["test"].get("by_interaction", {})})
             degraded = sorted({k for r in rows for k in r["degraded"]})
@@ -323,5 +364,5 @@ def summarize_ablation(runs) -> dict:
     return out
 
 
-__all__ = ["CONFIGURATIONS", "DATASETS", "PAPER_SETTINGS", "PRESETS", "ablation_variants", "readout_agreement",
+__all__ = ["CONFIGURATIONS", "CONFIGURATION_OPTIONS", "DATASETS", "PAPER_SETTINGS", "PRESETS", "ROWS", "ablation_variants", "readout_agreement",
            "reference_readout", "run_benchmark", "summarize", "summarize_ablation"]

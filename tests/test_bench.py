@@ -12,7 +12,9 @@ from dmil_hf.bench_report import check_targets, render_markdown, render_plots
 def fake_run(method, seed, overall, synergy, degraded, profile=None):
     run = {"dataset": "synthetic", "method": method, "seed": seed,
            "test": {"accuracy": overall, "by_interaction": {"redundancy": 0.9, "synergy": synergy}, "n": 100},
-           "degraded": {"missing_a": degraded}, "train_seconds": 10.0 + seed, "peak_memory_mb": 500.0,
+           "degraded": {"missing_a": degraded, "noise_a": degraded - 0.1, "partial50_a": degraded + 0.05},
+           "degradation_gap": {"missing_a": 0.03, "noise_a": 0.13},
+           "train_seconds": 10.0 + seed, "peak_memory_mb": 500.0,
            "latency_ms_per_batch64": 2.0, "parameters": 1234, "num_labels": 4,
            "bayes_accuracy": {"overall": 0.96, "redundancy": 1.0, "synergy": 0.9}}
     if profile:
@@ -56,6 +58,29 @@ def test_targets_are_checked_with_their_margins():
     assert largest == (False, "mismatched: synergy")
     match = next(v for k, v in checks.items() if k.startswith("DMIL's readout names the true type"))
     assert match == (False, "55.0%")
+    gap = next(v for k, v in checks.items() if k.startswith("DMIL's degradation gap ≤ 2 points"))
+    assert gap == (False, "worst: noise_a 13.0 points")
+    partial = next(v for k, v in checks.items() if k.startswith("with partial noise DMIL"))
+    assert partial == (True, "worst: partial50_a +11.0 points")
+
+
+def test_rows_and_their_train_commands():
+    """Every registered method is a row, joint_robust next to joint; a configuration's options and the row's own go
+    on the `dmil train` command line, the preset's epochs last."""
+    from dmil_hf.methods import METHODS
+
+    assert set(bench.ROWS) == set(METHODS) | {"joint_robust"}
+    assert list(bench.ROWS).index("joint_robust") == list(bench.ROWS).index("joint") + 1
+    quick = bench.PRESETS["quick"]
+    cmd = bench.train_command("digits-pretrained", "joint_robust", 1, "run", quick)
+    text = " ".join(cmd)
+    assert "--method joint" in text and "--text-model all-minilm-l6-v2 --audio-model whisper-tiny.en" in text
+    assert "--train-corruption 0.15 --modality-dropout 0.1" in text
+    assert cmd[-6:] == ["--stage-epochs", "3", "2", "2", "--epochs", "7"]
+    paper = bench.train_command("synthetic", "dmil", 0, "run", bench.PRESETS["full"],
+                                overrides=bench.ablation_variants()["paper"])
+    assert paper[paper.index("--train-corruption") + 1] == "0.0"
+    assert "reliability_gating=false" in paper and "--text-model" not in paper
 
 
 def test_report_and_plots(tmp_path):
@@ -66,18 +91,20 @@ def test_report_and_plots(tmp_path):
     assert "- [x] synthetic: DMIL ≥ best baseline (joint) overall: +5.0 points" in text
     assert "| dmil `interaction_weights` | 55.0 ± 5.0 |" in text
     assert "- [ ] synthetic: DMIL never > 1 point below" in text
-    [path] = render_plots(results, tmp_path)
-    assert path.name == "accuracy_synthetic.png" and path.read_bytes()[:4] == b"\x89PNG"
+    paths = render_plots(results, tmp_path)
+    assert [p.name for p in paths] == ["accuracy_synthetic.png", "degradation_synthetic.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
 def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
-    """Two methods and the DMIL ablation on a small `synthetic`, trained two at a time in `dmil train` subprocesses."""
+    """DMIL, the joint-with-robustness-training row and the DMIL ablation on a small `synthetic`, trained two at a
+    time in `dmil train` subprocesses."""
     small = {"dataset_kwargs": {"synthetic": {"num_samples": 300, "bayes_samples": 2000}}, "stage_epochs": (2, 1, 1),
              "seeds": 1, "ablation_seeds": 1}
     monkeypatch.setitem(bench.PRESETS, "quick", small)
-    results = run_benchmark(tmp_path, datasets=["synthetic"], methods=["dmil", "ensemble"], quick=True, jobs=2)
+    results = run_benchmark(tmp_path, datasets=["synthetic"], methods=["dmil", "joint_robust"], quick=True, jobs=2)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("dmil", 0), ("ensemble", 0)]
+    assert [(r["method"], r["seed"]) for r in saved["runs"]] == [("dmil", 0), ("joint_robust", 0)]
     for run in saved["runs"]:
         assert 0.0 <= run["test"]["accuracy"] <= 1.0 and run["test"]["n"] == 45
         kinds = ("missing", "noise", "blank", "partial25", "partial50", "partial75")
