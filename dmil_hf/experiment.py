@@ -455,7 +455,9 @@ def run_training(settings: RunSettings) -> dict:
     if corruption > 0:  # corrupted copies of training rows (see dmil_hf.data.corruption)
         from .data import add_training_corruption
 
-        train = add_training_corruption(dsd["train"], schema.modalities, corruption, seed=settings.seed)
+        # Drawn once per dataset, not per run seed: every run on a dataset then shares one embedding cache of frozen
+        # towers (a Whisper pass over the corrupted copies costs minutes on a CPU); the seed still sets the model.
+        train = add_training_corruption(dsd["train"], schema.modalities, corruption, seed=0)
     encoded = encode_dataset(dsd, processor, schema.modalities, train=train)
     model = build_run_model(settings, schema, processor)
     if settings.lora:

@@ -1425,13 +1425,18 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         terms = dict(out.loss_terms)
         loss = None
         if labels is not None:
-            terms["task_gated"] = self._task_loss(gated, labels).mean()
+            # A sample with a corrupted modality trains the gate (to rest on the modalities that still work), not the
+            # components' predictions: many such samples are unpredictable (synergy without one addend), and their
+            # labels would teach the components noise. The components learn from intact samples below.
+            corrupted = (mask & ~clean).any(1)
+            trained = torch.where(corrupted[:, None, None], component_logits.detach(), component_logits)
+            terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * trained).sum(1), labels).mean()
             for i, m in enumerate(config.modalities):
                 terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), clean[:, i])
                 terms[f"readout_{m}"] = masked_mean(self._task_loss(modality_logits[:, i], labels), mask[:, i])
             terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
             # The components learn from the samples whose modalities they read are intact (redundancy: all
-            # samples; it reads the reliable modalities); the gated loss sees every sample, corrupted ones included.
+            # samples; it reads the reliable modalities).
             intact = (clean | ~mask).all(1, keepdim=True)
             component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
             for k, name in enumerate(config.component_names):

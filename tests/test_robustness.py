@@ -216,6 +216,31 @@ def test_reliability_learns_to_spot_corrupted_rows():
     assert model(**noisy).modality_reliability[:, 1].mean() > 0.8
 
 
+def test_corrupted_samples_train_the_gate_not_the_components():
+    """A sample with a corrupted modality trains the gate only: its gated loss leaves the component heads' gradient
+    alone (and reaches the gate); an intact sample's gated loss trains both."""
+    tester = _features_tester()
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config(modality_dropout=0.0)).train()
+    model.set_training_stage(3)
+    inputs, labels = tester.inputs(), tester.labels()
+    corruption = torch.zeros(8, 2)
+    corruption[:, 0] = 1.0
+
+    def gradients(corruption):
+        model.zero_grad()
+        out = model(**inputs, labels=labels, modality_corruption=corruption)
+        out.loss_terms["task_gated"].backward()
+        heads = sum(p.grad.abs().sum() for p in model.component_heads.parameters() if p.grad is not None)
+        gate = sum(p.grad.abs().sum() for p in model.gate.parameters() if p.grad is not None)
+        return float(heads), float(gate)
+
+    heads, gate = gradients(corruption)
+    assert heads == 0.0 and gate > 0.0
+    heads, gate = gradients(torch.zeros(8, 2))
+    assert heads > 0.0 and gate > 0.0
+
+
 def test_corruption_input_shape_is_checked():
     tester = _features_tester()
     model = DmilForMultimodalClassification(tester.config())
