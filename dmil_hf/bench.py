@@ -364,5 +364,6 @@ def summarize_ablation(runs) -> dict:
     return out
 
 
-__all__ = ["CONFIGURATIONS", "CONFIGURATION_OPTIONS", "DATASETS", "PAPER_SETTINGS", "PRESETS", "ROWS", "ablation_variants", "readout_agreement",
-           "reference_readout", "run_benchmark", "summarize", "summarize_ablation"]
+__all__ = ["CONFIGURATIONS", "CONFIGURATION_OPTIONS", "DATASETS", "PAPER_SETTINGS", "PRESETS", "ROWS",
+           "ablation_variants", "readout_agreement", "reference_readout", "run_benchmark", "summarize",
+           "summarize_ablation", "train_command"]

@@ -359,6 +359,12 @@ class DmilConfig(PretrainedConfig):
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
             raise TypeError(f"`freeze_towers` is {freeze_towers!r}; expected True, False or a list of modality names.")
         self.freeze_towers = freeze_towers if isinstance(freeze_towers, (bool, str)) else list(freeze_towers)
+        if "attn_implementation" not in kwargs:
+            # PretrainedConfig sets `attn_implementation` (None when not given) on every sub-config. A tower built
+            # with from_pretrained shares its config with us, so None would replace its "sdpa", and transformers
+            # builds no attention mask for None: until the model was saved and reloaded, the tower attended to
+            # padding (training and the run's own test report, but not `dmil evaluate`). A dict keeps the towers'.
+            kwargs["attn_implementation"] = {"": None}
         super().__init__(**kwargs)
         # No modality at all is the valid-but-empty default (`DmilConfig()`, as every transformers composite config
         # allows); a model refuses to be built from it (`validate_for_model`). One modality is a mistake.

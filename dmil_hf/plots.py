@@ -40,8 +40,11 @@ def plot_component_boxes(values, groups, component_names, path, title, ylabel, y
 
 
 def plot_interaction_weights(weights, interactions, component_names, path, title="Per-sample interaction weights"):
-    """Box plots of each component's per-sample gate weight, one panel per ground-truth interaction type."""
-    return plot_component_boxes(weights, interactions, component_names, path, title, "gate weight", ylim=(0, 1))
+    """Box plots of each component's per-sample interaction weight (the readout, `outputs.interaction_weights`: each
+    row sums to one), one panel per ground-truth interaction type. Not the gate's weights (`gate_weights`), which mix
+    the components' predictions and serve accuracy."""
+    return plot_component_boxes(weights, interactions, component_names, path, title, "interaction weight (readout)",
+                                ylim=(0, 1))
 
 
 __all__ = ["plot_component_boxes", "plot_interaction_weights"]

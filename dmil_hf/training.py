@@ -169,6 +169,9 @@ def _stage_arguments(args: TrainingArguments, stage: dict, model, greater_is_bet
         remove_unused_columns=False,
         logging_dir=None,
         push_to_hub=False,  # stages never push their checkpoints; the finished model is pushed once, exported
+        # Pinned memory only speeds up copies to an accelerator; without one, torch's DataLoader warns at every
+        # train and eval loop that it is unused.
+        dataloader_pin_memory=args.dataloader_pin_memory and args.device.type != "cpu",
     )
     method = method_of(model)
     if method is not None and method.max_grad_norm is not None:  # e.g. the ensemble: no joint clipping

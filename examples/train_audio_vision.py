@@ -18,9 +18,10 @@ from transformers import TrainingArguments
 
 from dmil_hf import DmilConfig, DmilForMultimodalClassification
 from dmil_hf.data import inspect_dataset, make_digits
-from dmil_hf.experiment import evaluate_encoded, prepare_output_dir
+from dmil_hf.experiment import evaluate_encoded
 from dmil_hf.interactions import make_compute_metrics
 from dmil_hf.preprocess import build_processor, encode_dataset
+from dmil_hf.run_folder import prepare_output_dir
 from dmil_hf.towers import tower_configs, vision_tower_config
 from dmil_hf.training import train_staged
 

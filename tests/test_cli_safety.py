@@ -11,7 +11,8 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file, save_file
 
 from dmil_hf.cli import main
-from dmil_hf.experiment import RUN_MARKER, RunSettings, run_training
+from dmil_hf.experiment import RunSettings, run_training
+from dmil_hf.run_folder import RUN_MARKER
 
 FAST = ["--stage-epochs", "1", "1", "1", "--batch-size", "16"]
 
@@ -361,7 +362,7 @@ def test_overwrite_removes_only_what_the_run_wrote(tmp_path, data_dir, caplog):
     assert not list(out.glob("eval_*.json"))  # the old run's report went with it
     assert json.loads((out / "metrics.json").read_text())["seed"] == 1
     assert "my_notes.txt" not in json.loads((out / RUN_MARKER).read_text())["files"]
-    with caplog.at_level(logging.WARNING, logger="dmil_hf.experiment"):
+    with caplog.at_level(logging.WARNING, logger="dmil_hf.run_folder"):
         assert train(data_dir, out, "--overwrite", "--seed", "2") == 0
     assert (out / "my_notes.txt").read_text() == "observations"
     assert any("my_notes.txt" in r.getMessage() and "did not write" in r.getMessage() for r in caplog.records)
@@ -400,6 +401,19 @@ def test_train_help_is_generated_from_run_settings(capsys, monkeypatch):
             assert option in help_text and " ".join(kwargs["help"].split()) in help_text, option
     assert "{" + ",".join(METHODS) + "}" in help_text and "--pooling {auto,mean,cls}" in help_text
     assert "(default: 64)" in help_text  # defaults come from the dataclass
+
+
+def test_every_option_of_every_subcommand_has_help_text():
+    """`dmil <command> --help` explains every option (`dmil profile --help` left four bare)."""
+    import argparse
+
+    from dmil_hf.cli import build_parser
+
+    (commands,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"dmil {name} {action.option_strings[0]}" for name, parser in commands.choices.items()
+            for action in parser._actions
+            if action.option_strings and not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()]
+    assert not bare, bare
 
 
 def test_train_options_become_run_settings():

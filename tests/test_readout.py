@@ -109,3 +109,19 @@ def test_label_prior_counts_training_labels_only_and_is_saved(model_and_inputs, 
     assert reloaded.label_prior.counts.tolist() == [4.0, 1.0, 1.0]
     prior = reloaded.label_prior.log_prior().exp()
     torch.testing.assert_close(prior, torch.tensor([5.0, 2.0, 2.0]) / 9.0)
+
+
+def test_readout_plot_names_the_interaction_weights_it_plots(tmp_path, monkeypatch):
+    """The run's `interaction_weights.png` plots the readout, so its axis must say so, not "gate weight"."""
+    from matplotlib.figure import Figure
+
+    from dmil_hf.plots import plot_interaction_weights
+
+    labels = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (labels.append(fig.axes[0].get_ylabel()),
+                                                                  save(fig, *a, **k)))
+    weights = torch.softmax(torch.randn(8, 4), -1).numpy()
+    path = plot_interaction_weights(weights, ["redundancy", "synergy"] * 4, NAMES, tmp_path / "weights.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert labels == ["interaction weight (readout)"]

@@ -127,6 +127,21 @@ def test_stage_switch_restores_best_checkpoint(tmp_path):
     assert (tmp_path / "stage1" / "done.json").exists()
 
 
+def test_training_on_cpu_asks_for_no_pinned_memory(tmp_path):
+    """Without an accelerator, torch's DataLoader warns at every train and eval loop that pinned memory is unused; a
+    CPU run must not ask for it (the stages' TrainingArguments pin only where the device is not the CPU)."""
+    import warnings
+
+    model = feature_model(stage1_epochs=1, stage2_epochs=0, stage3_epochs=1)
+    data = encoded(feature_dataset())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # As `dmil train` builds them: the device is found, not forced (use_cpu=True turns pinning off itself).
+        train_staged(model, args_for(tmp_path, use_cpu=False), data["train"], data["validation"],
+                     compute_metrics=make_compute_metrics())
+    assert not [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+
+
 class RecordLogs(TrainerCallback):
     def __init__(self):
         self.logs = []
@@ -350,6 +365,54 @@ def test_cli_train_then_evaluate_user_dataset(tmp_path):
     assert set(degraded["accuracy"]) == {f"{kind}_{m}" for kind in kinds for m in ("alpha", "beta")}
     assert all(0.0 <= v <= 1.0 for v in degraded["accuracy"].values())
     assert degraded["clean"] == pytest.approx(report["accuracy"]) and "blank" in degraded["held_out_kinds"]
+
+
+def text_feature_dataset(n=120, seed=0, num_classes=3) -> DatasetDict:
+    """A text and a feature modality; validation and test texts run longer than any training text (more filler)."""
+    rng = np.random.default_rng(seed)
+    words, filler = ["red", "green", "blue"], ["so", "very", "much", "quite", "really"]
+    labels = rng.integers(0, num_classes, n)
+    a, b = int(0.6 * n), int(0.8 * n)
+    texts = [" ".join([words[y]] + list(rng.choice(filler, int(rng.integers(0, 3 if i < a else 8)))))
+             for i, y in enumerate(labels)]
+    alpha = (rng.normal(size=(num_classes, 6))[labels] + rng.normal(size=(n, 6))).astype(np.float32)
+    full = Dataset.from_dict({"text": texts, "alpha_features": alpha, "labels": labels,
+                              "interaction": ["redundancy"] * n})
+    return DatasetDict(train=full.select(range(a)), validation=full.select(range(a, b)), test=full.select(range(b, n)))
+
+
+def test_run_report_and_dmil_evaluate_agree_with_a_pretrained_text_tower(tmp_path):
+    """The run's own metrics.json and `dmil evaluate` of the saved model see the same model on the same split, so
+    they give the same numbers, down to the per-sample interaction weights behind interaction_profile.json (issue 21:
+    the run's report came from a tower that ignored its attention mask, on test texts cut to the training length)."""
+    from transformers import AutoProcessor, BertModel
+
+    from dmil_hf.experiment import evaluate_model, interaction_profile
+    from dmil_hf.loading import load_model
+    from dmil_hf.towers import text_tower_config, train_text_tokenizer
+
+    dsd = text_feature_dataset()
+    dsd.save_to_disk(tmp_path / "data")
+    tokenizer = train_text_tokenizer(dsd["train"]["text"], vocab_size=60)
+    torch.manual_seed(0)
+    BertModel(text_tower_config("tiny", vocab_size=len(tokenizer))).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    out = tmp_path / "model"
+    assert main(["train", "--dataset", str(tmp_path / "data"), "--text-model", str(tmp_path / "bert"),
+                 "--output-dir", str(out), "--stage-epochs", "1", "1", "1", "--batch-size", "16"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("test", "validation"):
+        assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "data"), "--split", split,
+                     "--output", str(tmp_path / f"{split}.json")]) == 0
+        assert json.loads((tmp_path / f"{split}.json").read_text())["test"] == metrics[split]
+    model = load_model(out)
+    _, predictions = evaluate_model(model, AutoProcessor.from_pretrained(out), dsd["test"])
+    profile = interaction_profile(predictions["interaction_weights"], dsd["test"]["interaction"],
+                                  model.config.component_names)
+    expected = json.loads((out / "interaction_profile.json").read_text())
+    assert profile.keys() == expected.keys()
+    for kind, weights in expected.items():
+        assert profile[kind] == pytest.approx(weights, abs=1e-6)
 
 
 def test_cli_evaluate_on_dataset_missing_a_modality(tmp_path, capsys):

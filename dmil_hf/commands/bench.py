@@ -5,16 +5,18 @@ from __future__ import annotations
 
 def add_parser(subparsers):
     from ..bench import DATASETS, ROWS
+    from ..towers import TOWER_SIZES
 
     p = subparsers.add_parser("bench", help="compare dmil, joint, ensemble and i2moe per kind of sample")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="folder for results.json, results.md, the plots and the runs")
     p.add_argument("--quick", action="store_true", help="small data, few epochs, one seed (a few minutes)")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
                    help="benchmark configurations (built-in datasets and their builder arguments)")
     p.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS),
                    help="rows: the registered methods and joint_robust (joint learning with DMIL's robustness training)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
-    p.add_argument("--towers", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--towers", default="tiny", choices=list(TOWER_SIZES),
+                   help="size of the randomly initialised towers of every run (dmil_hf.towers.TOWER_SIZES)")
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at once, each with an equal share of the cores (train times are then shared-load times)")
     p.add_argument("--no-ablation", action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 def add_parser(subparsers):
+    from ..run_settings import add_dataset_arg_option
+
     p = subparsers.add_parser("estimate", help="estimate redundancy / uniqueness / synergy of a dataset (bits)")
     p.add_argument("--dataset", required=True, help="built-in name (synthetic, digits) or a save_to_disk folder")
     p.add_argument("--output", required=True,
@@ -29,8 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--folds", type=int, default=5, help="cross-fitting folds of the per-sample estimate")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only if you trust them")
-    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="argument for a built-in dataset builder, e.g. num_samples=600 or 'mixture={\"synergy\": 1}'")
+    add_dataset_arg_option(p)
     p.set_defaults(func=run)
     return p
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def add_parser(subparsers):
+    from ..run_settings import add_dataset_arg_option
+
     p = subparsers.add_parser("evaluate", help="evaluate a saved model on a dataset split")
     p.add_argument("--model", required=True, help="folder written by dmil train / save_pretrained")
     p.add_argument("--dataset", required=True, help="built-in name or a save_to_disk folder")
@@ -17,7 +19,7 @@ def add_parser(subparsers):
                         "noise levels, natural corruptions), with the attainable level and the degradation gap")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
-    p.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE")
+    add_dataset_arg_option(p)
     p.set_defaults(func=run)
     return p
 

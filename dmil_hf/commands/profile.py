@@ -8,17 +8,22 @@ import json
 
 def add_parser(subparsers):
     from ..configuration_dmil import TOWER_MODALITIES
+    from ..methods import METHODS
+    from ..towers import TOWER_SIZES
 
     p = subparsers.add_parser("profile", help="time the DMIL head against the towers, or a training step against "
                                               "the baselines (random weights)")
-    p.add_argument("--towers", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
-    p.add_argument("--modalities", nargs="+", default=list(TOWER_MODALITIES), choices=list(TOWER_MODALITIES))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--towers", nargs="+", default=list(TOWER_SIZES), choices=list(TOWER_SIZES),
+                   help="sizes of randomly initialised towers to time, one result each (dmil_hf.towers.TOWER_SIZES)")
+    p.add_argument("--modalities", nargs="+", default=list(TOWER_MODALITIES), choices=list(TOWER_MODALITIES),
+                   help="the towers the model has (random inputs of each)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows in the random batch that is timed")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions (with --train-step: steps per method)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="torch device to time on, e.g. cpu or cuda:0 (default: cuda when "
+                                                  "available, else cpu)")
     p.add_argument("--train-step", action="store_true",
                    help="time a bare training step (forward, backward, AdamW) of each of --methods, taking turns")
-    p.add_argument("--methods", nargs="+", default=["joint", "dmil"], choices=["dmil", "joint", "ensemble", "i2moe"],
+    p.add_argument("--methods", nargs="+", default=["joint", "dmil"], choices=list(METHODS),
                    help="with --train-step: the methods to time; ratios are to the first")
     p.add_argument("--feature-modalities", type=int, default=0, metavar="N",
                    help="with --train-step: N feature modalities of 16 values and 4 labels (the synthetic dataset's "

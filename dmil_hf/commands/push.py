@@ -13,7 +13,7 @@ def add_parser(subparsers):
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     p.add_argument("--token", default=None, help="Hub token (default: the one `hf auth login` saved, or HF_TOKEN)")
-    p.add_argument("--commit-message", default=None)
+    p.add_argument("--commit-message", default=None, help='message of the Hub commit (default: "Upload <method> model")')
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickle (.bin) weights; only if you trust them")
     p.set_defaults(func=run)

