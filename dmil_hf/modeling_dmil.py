@@ -1094,10 +1094,10 @@ class DmilModel(DmilPreTrainedModel):
             z_tr, mu_tr, lv_tr = self.relevant(inputs)
             z_ir, mu_ir, lv_ir = self.irrelevant(inputs)
             rebuilt = self.reconstruct(torch.cat([z_tr, z_ir], -1))
-            kl_level1 = config.kl_scale * _masked_means(gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), clean)
+            kl_level1 = gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir)
             # The target is detached: the latents must explain the embedding, but the tower must not be pulled
             # toward embeddings that are easy to rebuild (a constant one is the easiest).
-            reconstruction = _masked_means((rebuilt - inputs.detach()).pow(2).mean(-1), clean)
+            reconstruction = (rebuilt - inputs.detach()).pow(2).mean(-1)
         relevant_means = mu_tr.transpose(0, 1)  # (B, M, latent)
         all_present = mask.all(1)
 
@@ -1105,8 +1105,7 @@ class DmilModel(DmilPreTrainedModel):
         r_sample, r_mean, r_logvar = self.redundancy(relevant_means.flatten(1))
         kl_redundancy = config.kl_scale * masked_mean(gaussian_kl(r_mean, r_logvar), all_present)
         _, v_mean, v_logvar = self.redundancy_from(mu_tr, sample=False)  # (M, B, latent); only the Gaussians are used
-        kl_alignment = config.kl_scale * _masked_means(gaussian_kl(r_mean, r_logvar, v_mean, v_logvar),
-                                                       all_present.expand_as(present))
+        kl_alignment = gaussian_kl(r_mean, r_logvar, v_mean, v_logvar)
         # Missing modalities: R from the product of the present modalities' alignment Gaussians. Computed for every
         # batch (a few element-wise ops) rather than behind `if not all_present.all()`, which would read a tensor
         # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
@@ -1125,8 +1124,14 @@ class DmilModel(DmilPreTrainedModel):
 
         u_sample, u_mean, u_logvar = self.unique(mu_tr)
         rebuilt_relevant = self.reconstruct_relevant(torch.cat([redundant.expand_as(u_sample), u_sample], -1))
-        kl_unique = config.kl_scale * _masked_means(gaussian_kl(u_mean, u_logvar), present)
-        reconstruction_relevant = _masked_means((rebuilt_relevant - mu_tr).pow(2).mean(-1), present)
+        kl_unique = gaussian_kl(u_mean, u_logvar)
+        reconstruction_relevant = (rebuilt_relevant - mu_tr).pow(2).mean(-1)
+        # Every per-modality term at once: each row `(M, B)` averaged over the samples it is computed on.
+        means = _masked_means(
+            torch.stack([kl_level1, kl_alignment, kl_unique, reconstruction, reconstruction_relevant]),
+            torch.stack([clean, all_present.expand_as(present), present, clean, present]))
+        kl_level1, kl_alignment, kl_unique = (config.kl_scale * means[:3]).unbind(0)
+        reconstruction, reconstruction_relevant = means[3:].unbind(0)
         # The terms by name, in the order a per-modality loop would write them.
         level1 = zip(_by_name("kl_level1_{}", modalities, kl_level1).items(),
                      _by_name("reconstruction_{}", modalities, reconstruction).items())
@@ -1458,10 +1463,12 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
 
         # The stacked heads read group-first inputs `(groups, B, width)` and return `(groups, B, num_labels)`.
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != 2):
-            unimodal_logits = self.unimodal_heads(out.task_relevant_embeds.transpose(0, 1)).transpose(0, 1)
+            unimodal_first = self.unimodal_heads(out.task_relevant_embeds.transpose(0, 1))
+        unimodal_logits = unimodal_first.transpose(0, 1)
         component_embeds = out.component_embeds
-        component_logits = torch.cat([self.component_heads(component_embeds[:, :-1].transpose(0, 1)).transpose(0, 1),
-                                      self.synergy_head(component_embeds[:, -1]).unsqueeze(1)], 1)
+        components_first = torch.cat([self.component_heads(component_embeds[:, :-1].transpose(0, 1)),
+                                      self.synergy_head(component_embeds[:, -1]).unsqueeze(0)], 0)  # (K, B, labels)
+        component_logits = components_first.transpose(0, 1)
         gate_logits = self.gate(component_embeds.flatten(1))
         if out.modality_reliability is not None:  # a component that needs an unreliable modality loses its weight
             reliable_components = component_reliability(trust)
@@ -1478,7 +1485,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         regression = config.problem_type == "regression" or config.num_labels == 1
         if labels is not None and self.training and not regression:
             self.label_prior.update(labels)
-        modality_logits = self.modality_heads(out.modality_embeds.detach().transpose(0, 1)).transpose(0, 1)
+        modality_first = self.modality_heads(out.modality_embeds.detach().transpose(0, 1))
+        modality_logits = modality_first.transpose(0, 1)
         if regression:
             readout = weights
         else:
@@ -1498,11 +1506,11 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
             # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the
             # component heads, each averaged over the samples it learns from.
-            heads = torch.cat([gated.unsqueeze(1), unimodal_logits, modality_logits, component_logits], 1)
+            heads = torch.cat([gated.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
             learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
             num = len(config.modalities)
             task_gated, unimodal, readout_losses, components = _masked_means(
-                self._task_loss(heads.transpose(0, 1), labels), learns.t()).split([1, num, num, num + 2])
+                self._task_loss(heads, labels), learns.t()).split([1, num, num, num + 2])
             terms["task_gated"] = task_gated.squeeze(0)
             for pair in zip(_by_name("task_unimodal_{}", config.modalities, unimodal).items(),
                             _by_name("readout_{}", config.modalities, readout_losses).items()):
