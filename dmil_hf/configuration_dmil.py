@@ -455,8 +455,11 @@ class DmilConfig(PretrainedConfig):
     def modalities(self) -> tuple[str, ...]:
         """Modality names in canonical order: text, vision, audio, then the feature modalities sorted by name
         (sorted because the saved JSON sorts its keys: the order must survive a save/load round trip)."""
-        towers = tuple(m for m in TOWER_MODALITIES if getattr(self, f"{m}_config", None) is not None)
-        return towers + tuple(sorted(self.feature_modalities))
+        # Read from the instance dict in one lookup: the models read this on every forward, and each attribute read
+        # of a transformers config passes through its (slow) `__getattribute__`.
+        fields = vars(self)
+        towers = tuple(m for m in TOWER_MODALITIES if fields.get(f"{m}_config") is not None)
+        return towers + tuple(sorted(fields.get("feature_modalities") or ()))
 
     @property
     def modality_dropout_probability(self) -> float:

@@ -58,12 +58,34 @@ def saved_tensor_names(model_dir: str | Path) -> set[str] | None:
         return set(handle.keys())
 
 
+def loaded_tensor_names(model, names) -> set[str]:
+    """The tensors of `model` that saved tensors named `names` fill when `from_pretrained` loads them: each name passes
+    through the conversions transformers registers for the model (e.g. DMIL's per-modality head layout, stacked on
+    load), as `from_pretrained` renames it; a converter that writes several tensors fills all of them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    targets = {pattern: c.target_patterns for c in converters for pattern in c.source_patterns}
+    state = model.state_dict()
+    loaded = set()
+    for name in names:
+        renamed, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if renamed not in state and name in state:  # as from_pretrained: a name the model has is kept
+            renamed, pattern = name, None
+        loaded.update({renamed} if pattern is None else {renamed.replace(targets[pattern][0], t) for t in targets[pattern]})
+    return loaded
+
+
 def check_complete(model, model_dir: str | Path) -> None:
     """Refuse a model whose saved weights lack some of its tensors: `from_pretrained` would have initialised those at
     random and only logged it. Raises ValueError naming the folder and the missing tensors."""
     names = saved_tensor_names(model_dir)
     if names is None:
         return
+    names = loaded_tensor_names(model, names)
     expected = set(model.state_dict())
     # Tied weights are stored once; their other names are legitimately absent.
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -91,4 +113,4 @@ def load_model(model_dir: str | Path, allow_pickle: bool = False, **kwargs):
     return model
 
 
-__all__ = ["check_complete", "check_weights", "load_model", "saved_tensor_names"]
+__all__ = ["check_complete", "check_weights", "load_model", "loaded_tensor_names", "saved_tensor_names"]

@@ -9,6 +9,7 @@ import inspect
 import json
 import math
 import os
+import re
 import struct
 import types
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import MODEL_MAPPING, AutoModel, PreTrainedModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.utils import ModelOutput, logging
 
 from .configuration_dmil import CORRUPTION_INPUT, FEATURES, TOWER_MODALITIES, TOWERS, DmilConfig
@@ -174,7 +177,9 @@ def component_reliability(modality_reliability):
     absent ones): redundancy needs any one reliable modality, `unique_<m>` needs m, synergy at least two."""
     unreliable = 1.0 - modality_reliability
     num = modality_reliability.shape[1]
-    others = torch.stack([torch.cat([unreliable[:, :m], unreliable[:, m + 1:]], 1).prod(1) for m in range(num)], 1)
+    # others[:, m]: the product over the modalities other than m (m's own factor replaced by an exact 1).
+    itself = torch.eye(num, dtype=torch.bool, device=unreliable.device)
+    others = torch.where(itself, 1.0, unreliable.unsqueeze(1)).prod(-1)
     none = unreliable.prod(1, keepdim=True)
     exactly_one = (modality_reliability * others).sum(1, keepdim=True)
     return torch.cat([1.0 - none, modality_reliability, (1.0 - none - exactly_one).clamp(min=0.0)], 1)
@@ -282,18 +287,72 @@ class DmilReliability(nn.Module):
         return reliability * mask.to(reliability.dtype), terms
 
 
-class DmilGaussianBottleneck(nn.Module):
-    """Diagonal-Gaussian bottleneck: reparameterised sample in training, the mean in eval."""
+class DmilGroupedLinear(nn.Module):
+    """
+    `groups` independent linear layers run as one batched matrix product: group g maps `inputs[g]` with its own
+    `weight[g]` `(out_features, in_features)` and `bias[g]`, as `nn.Linear` would. DMIL's head holds one layer per
+    modality (or per component); stacked, they cost one operator call instead of one per modality.
 
-    def __init__(self, input_size: int, latent_size: int):
+    Args:
+        groups (`int`): number of layers (e.g. modalities).
+        in_features / out_features (`int`): sizes of each layer.
+
+    Shapes: `inputs` `(groups, batch, in_features)` -> `(groups, batch, out_features)`.
+    """
+
+    def __init__(self, groups: int, in_features: int, out_features: int):
         super().__init__()
-        self.proj = nn.Linear(input_size, 2 * latent_size)
+        self.groups, self.in_features, self.out_features = groups, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(groups, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # nn.Linear's default for every group: Kaiming-uniform with a=sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)), as is
+        # its bias.
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, inputs):
+        return torch.baddbmm(self.bias.unsqueeze(1), inputs, self.weight.transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class DmilGaussianBottleneck(nn.Module):
+    """Diagonal-Gaussian bottleneck: reparameterised sample in training, the mean in eval. With `groups`, one
+    bottleneck per group (e.g. per modality) on inputs `(groups, batch, input_size)`, run as one batched product."""
+
+    def __init__(self, input_size: int, latent_size: int, groups: int | None = None):
+        super().__init__()
+        self.proj = (nn.Linear(input_size, 2 * latent_size) if groups is None
+                     else DmilGroupedLinear(groups, input_size, 2 * latent_size))
+
+    def forward(self, inputs, sample: bool = True):
+        """`(sample, mean, logvar)`; `sample=False` skips the draw (the sample is then the mean)."""
         mean, logvar = self.proj(inputs).chunk(2, dim=-1)
         logvar = logvar.clamp(-10.0, 10.0)
-        sample = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
-        return sample, mean, logvar
+        draw = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training and sample else mean
+        return draw, mean, logvar
+
+
+def _grouped_mlp(groups: int, input_size: int, hidden_size: int, output_size: int) -> nn.Sequential:
+    """One `_mlp` per group, run as two batched products: `(groups, batch, input_size)` -> `(groups, batch, output)`."""
+    return nn.Sequential(DmilGroupedLinear(groups, input_size, hidden_size), nn.GELU(),
+                         DmilGroupedLinear(groups, hidden_size, output_size))
+
+
+def _masked_means(values, mask):
+    """`masked_mean` of each row: `values` and `mask` `(groups, batch)` -> `(groups,)`."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def _by_name(template: str, names, values) -> dict:
+    """`{template.format(name): value}` for a `(len(names),)` tensor of per-modality (or per-component) values."""
+    return dict(zip((template.format(name) for name in names), values.unbind(0)))
 
 
 def _stack_modalities(values: list, mask) -> torch.Tensor:
@@ -851,7 +910,7 @@ class DmilPreTrainedModel(PreTrainedModel):
         # PyTorch's default (Kaiming-uniform) init, not BERT's N(0, 0.02): stacked 0.02-init layers between the loss
         # and the towers starve a tower of signal (on `digits`, a randomly initialised audio tower behind the joint
         # head reached 19% on its samples in 24 epochs with N(0, 0.02), 65% with the default init).
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, DmilGroupedLinear)):
             module.reset_parameters()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
@@ -910,15 +969,18 @@ class DmilModel(DmilPreTrainedModel):
         modalities, hidden, latent = config.modalities, config.hidden_size, config.latent_size
         num = len(modalities)
         self.encoders = DmilEncoders(config, towers)
+        # The per-modality layers are stacked, one group per modality in `config.modalities` order (see
+        # `DmilGroupedLinear`): each runs as one batched product over all modalities. Checkpoints of the layout with
+        # one module per modality load through the conversions registered below (`CHECKPOINT_CONVERSIONS`).
         # Level 1: task-relevant / task-irrelevant latents inside each modality.
-        self.relevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
-        self.irrelevant = nn.ModuleDict({m: DmilGaussianBottleneck(hidden, latent) for m in modalities})
-        self.reconstruct = nn.ModuleDict({m: _mlp(2 * latent, hidden, hidden) for m in modalities})
+        self.relevant = DmilGaussianBottleneck(hidden, latent, groups=num)
+        self.irrelevant = DmilGaussianBottleneck(hidden, latent, groups=num)
+        self.reconstruct = _grouped_mlp(num, 2 * latent, hidden, hidden)
         # Level 2: redundancy (with one alignment bottleneck per modality), uniqueness, synergy.
         self.redundancy = DmilGaussianBottleneck(num * latent, latent)
-        self.redundancy_from = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
-        self.unique = nn.ModuleDict({m: DmilGaussianBottleneck(latent, latent) for m in modalities})
-        self.reconstruct_relevant = nn.ModuleDict({m: _mlp(2 * latent, latent, latent) for m in modalities})
+        self.redundancy_from = DmilGaussianBottleneck(latent, latent, groups=num)
+        self.unique = DmilGaussianBottleneck(latent, latent, groups=num)
+        self.reconstruct_relevant = _grouped_mlp(num, 2 * latent, latent, latent)
         num_pairs = num * (num - 1) // 2
         width = {"irrelevant": latent, "all": 2 * latent, "embeddings": hidden, "towers": hidden}[config.synergy_source]
         if config.synergy_source == "towers":
@@ -1025,45 +1087,34 @@ class DmilModel(DmilPreTrainedModel):
         scale = config.stage3_level1_tower_gradient if config.training_stage == 3 else 1.0
         level1_inputs = embeds if scale == 1.0 else embeds * scale + embeds.detach() * (1.0 - scale)
         clean = mask if corruption is None else mask & (corruption <= 0)
+        # The per-modality layers run on group-first tensors `(M, B, width)`: one batched product for all modalities.
+        inputs = level1_inputs.transpose(0, 1)
+        present, clean = mask.t(), clean.t()
         with torch.set_grad_enabled(torch.is_grad_enabled() and config.training_stage != 2):
-            terms = {}
-            relevant, relevant_means, irrelevant, irrelevant_means = [], [], [], []
-            for i, m in enumerate(modalities):
-                z_tr, mu_tr, lv_tr = self.relevant[m](level1_inputs[:, i])
-                z_ir, mu_ir, lv_ir = self.irrelevant[m](level1_inputs[:, i])
-                rebuilt = self.reconstruct[m](torch.cat([z_tr, z_ir], -1))
-                terms[f"kl_level1_{m}"] = config.kl_scale * masked_mean(
-                    gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir), clean[:, i])
-                # The target is detached: the latents must explain the embedding, but the tower must not be pulled
-                # toward embeddings that are easy to rebuild (a constant one is the easiest).
-                terms[f"reconstruction_{m}"] = masked_mean((rebuilt - level1_inputs[:, i].detach()).pow(2).mean(-1),
-                                                           clean[:, i])
-                relevant.append(z_tr)
-                relevant_means.append(mu_tr)
-                irrelevant.append(z_ir)
-                irrelevant_means.append(mu_ir)
-        relevant, relevant_means = torch.stack(relevant, 1), torch.stack(relevant_means, 1)
-        irrelevant, irrelevant_means = torch.stack(irrelevant, 1), torch.stack(irrelevant_means, 1)
+            z_tr, mu_tr, lv_tr = self.relevant(inputs)
+            z_ir, mu_ir, lv_ir = self.irrelevant(inputs)
+            rebuilt = self.reconstruct(torch.cat([z_tr, z_ir], -1))
+            kl_level1 = gaussian_kl(mu_tr, lv_tr) + gaussian_kl(mu_ir, lv_ir)
+            # The target is detached: the latents must explain the embedding, but the tower must not be pulled
+            # toward embeddings that are easy to rebuild (a constant one is the easiest).
+            reconstruction = (rebuilt - inputs.detach()).pow(2).mean(-1)
+        relevant_means = mu_tr.transpose(0, 1)  # (B, M, latent)
         all_present = mask.all(1)
 
         # Redundancy: q(R | all modalities), aligned with v(R | m) for every m.
         r_sample, r_mean, r_logvar = self.redundancy(relevant_means.flatten(1))
-        terms["kl_redundancy"] = config.kl_scale * masked_mean(gaussian_kl(r_mean, r_logvar), all_present)
-        aligned = [self.redundancy_from[m](relevant_means[:, i]) for i, m in enumerate(modalities)]
-        for i, m in enumerate(modalities):
-            _, v_mean, v_logvar = aligned[i]
-            terms[f"kl_alignment_{m}"] = config.kl_scale * masked_mean(
-                gaussian_kl(r_mean, r_logvar, v_mean, v_logvar), all_present)
+        kl_redundancy = config.kl_scale * masked_mean(gaussian_kl(r_mean, r_logvar), all_present)
+        _, v_mean, v_logvar = self.redundancy_from(mu_tr, sample=False)  # (M, B, latent); only the Gaussians are used
+        kl_alignment = gaussian_kl(r_mean, r_logvar, v_mean, v_logvar)
         # Missing modalities: R from the product of the present modalities' alignment Gaussians. Computed for every
         # batch (a few element-wise ops) rather than behind `if not all_present.all()`, which would read a tensor
         # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
-        weights = (mask if reliability is None else reliability).unsqueeze(-1).to(r_mean.dtype)
-        precision = torch.stack([(-lv).exp() for _, _, lv in aligned], 1) * weights
-        means = torch.stack([mu for _, mu, _ in aligned], 1)
-        poe_mean = (means * precision).sum(1) / precision.sum(1).clamp(min=1e-6)
+        weights = (mask if reliability is None else reliability).t().unsqueeze(-1).to(r_mean.dtype)
+        precision = (-v_logvar).exp() * weights
+        poe_mean = (v_mean * precision).sum(0) / precision.sum(0).clamp(min=1e-6)
         poe_sample = poe_mean
         if self.training:
-            poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(1).clamp(min=1e-6).rsqrt()
+            poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(0).clamp(min=1e-6).rsqrt()
         if reliability is None:
             redundant = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
         else:
@@ -1071,14 +1122,26 @@ class DmilModel(DmilPreTrainedModel):
             trusted = (reliability.prod(1, keepdim=True) * all_present.unsqueeze(-1)).to(r_sample.dtype)
             redundant = trusted * r_sample + (1.0 - trusted) * poe_sample
 
-        unique = []
-        for i, m in enumerate(modalities):
-            u_sample, u_mean, u_logvar = self.unique[m](relevant_means[:, i])
-            rebuilt = self.reconstruct_relevant[m](torch.cat([redundant, u_sample], -1))
-            terms[f"kl_unique_{m}"] = config.kl_scale * masked_mean(gaussian_kl(u_mean, u_logvar), mask[:, i])
-            terms[f"reconstruction_relevant_{m}"] = masked_mean(
-                (rebuilt - relevant_means[:, i]).pow(2).mean(-1), mask[:, i])
-            unique.append(u_sample)
+        u_sample, u_mean, u_logvar = self.unique(mu_tr)
+        rebuilt_relevant = self.reconstruct_relevant(torch.cat([redundant.expand_as(u_sample), u_sample], -1))
+        kl_unique = gaussian_kl(u_mean, u_logvar)
+        reconstruction_relevant = (rebuilt_relevant - mu_tr).pow(2).mean(-1)
+        # Every per-modality term at once: each row `(M, B)` averaged over the samples it is computed on.
+        means = _masked_means(
+            torch.stack([kl_level1, kl_alignment, kl_unique, reconstruction, reconstruction_relevant]),
+            torch.stack([clean, all_present.expand_as(present), present, clean, present]))
+        kl_level1, kl_alignment, kl_unique = (config.kl_scale * means[:3]).unbind(0)
+        reconstruction, reconstruction_relevant = means[3:].unbind(0)
+        # The terms by name, in the order a per-modality loop would write them.
+        level1 = zip(_by_name("kl_level1_{}", modalities, kl_level1).items(),
+                     _by_name("reconstruction_{}", modalities, reconstruction).items())
+        level2 = zip(_by_name("kl_unique_{}", modalities, kl_unique).items(),
+                     _by_name("reconstruction_relevant_{}", modalities, reconstruction_relevant).items())
+        terms = dict(item for pair in level1 for item in pair)
+        terms["kl_redundancy"] = kl_redundancy
+        terms.update(_by_name("kl_alignment_{}", modalities, kl_alignment))
+        terms.update(item for pair in level2 for item in pair)
+        irrelevant_means = mu_ir.transpose(0, 1)
 
         # Synergy: deterministic, from one vector per modality and their pairwise element-wise products. The paper
         # uses the task-irrelevant latents only ("irrelevant"); "all" adds the task-relevant ones, because a value
@@ -1099,7 +1162,7 @@ class DmilModel(DmilPreTrainedModel):
         pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
         synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
-        component_embeds = torch.stack([redundant] + unique + [synergistic], 1)
+        component_embeds = torch.cat([redundant.unsqueeze(1), u_sample.transpose(0, 1), synergistic.unsqueeze(1)], 1)
         # Synergy needs two modalities, not all of them: with three, a sample missing one can still be a pair's synergy.
         pairs_present = mask.sum(1) >= 2
         component_mask = torch.cat([torch.ones_like(all_present).unsqueeze(1), mask, pairs_present.unsqueeze(1)], 1)
@@ -1110,8 +1173,8 @@ class DmilModel(DmilPreTrainedModel):
             component_mask=component_mask,
             modality_embeds=embeds,
             modality_mask=mask,
-            task_relevant_embeds=relevant,
-            task_irrelevant_embeds=irrelevant,
+            task_relevant_embeds=z_tr.transpose(0, 1),
+            task_irrelevant_embeds=z_ir.transpose(0, 1),
             component_names=config.component_names,
             modality_reliability=reliability,
         )
@@ -1254,15 +1317,17 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         self.num_labels = config.num_labels
         latent, modalities = config.latent_size, config.modalities
         self.dmil = DmilModel(config, towers)
-        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(latent, config.num_labels) for m in modalities})
-        self.component_heads = nn.ModuleList([nn.Linear(latent, config.num_labels) for _ in config.component_names])
-        num_components = len(config.component_names)
+        num, num_components = len(modalities), len(config.component_names)
+        # One head per modality / component, stacked as in `DmilModel`. The synergy head stands apart from the
+        # others: it trains in stage 1's warm-up, when the redundancy and uniqueness heads are frozen.
+        self.unimodal_heads = DmilGroupedLinear(num, latent, config.num_labels)
+        self.component_heads = DmilGroupedLinear(num + 1, latent, config.num_labels)  # redundancy, unique_<m>...
+        self.synergy_head = nn.Linear(latent, config.num_labels)
         self.gate = _mlp(num_components * latent, config.gate_hidden_size, num_components)
         # The readout's instruments: p(y | x_m) from each modality's embedding alone, with the capacity of the synergy
         # path (an MLP, not a linear head on a bottleneck), so that the fusion does not look synergistic merely by
         # being the stronger classifier. They read detached embeddings: they learn from the towers, never shape them.
-        self.modality_heads = nn.ModuleDict({m: _mlp(config.hidden_size, config.hidden_size, config.num_labels)
-                                             for m in modalities})
+        self.modality_heads = _grouped_mlp(num, config.hidden_size, config.hidden_size, config.num_labels)
         self.label_prior = DmilLabelPrior(config.num_labels)
         self.post_init()
 
@@ -1278,8 +1343,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
     def stage_modules(self) -> dict[str, list[nn.Module]]:
         """Parameter groups of the schedule (see `stage_parameter_groups` for which stage trains which)."""
         return {"level1": self.dmil.level1_modules() + [self.unimodal_heads],
-                "level2": self.dmil.level2_modules() + list(self.component_heads[:-1]) + [self.gate],
-                "synergy": self.dmil.synergy_modules() + [self.component_heads[-1]],
+                "level2": self.dmil.level2_modules() + [self.component_heads, self.gate],
+                "synergy": self.dmil.synergy_modules() + [self.synergy_head],
                 "readout": [self.modality_heads] + ([self.dmil.reliability] if hasattr(self.dmil, "reliability")
                                                     else [])}
 
@@ -1347,10 +1412,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {low} to {high}.")
 
     def _task_loss(self, logits, labels):
-        """Per-sample task loss: cross-entropy, or squared error for regression."""
+        """Per-sample task loss: cross-entropy, or squared error for regression. `logits` `(..., batch, num_labels)`
+        (e.g. one row of logits per head), `labels` `(batch,)` -> `(..., batch)`."""
         if problem_type(self.config) == "regression":
             return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
-        return F.cross_entropy(logits, labels, reduction="none")
+        if logits.dim() == 2:
+            return F.cross_entropy(logits, labels, reduction="none")
+        rows = logits.shape[:-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.expand(rows).reshape(-1),
+                               reduction="none").view(rows)
 
     def forward(self, modality_mask=None, modality_corruption=None, labels=None, return_dict=None,
                 output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
@@ -1391,13 +1461,18 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         trust = mask.float() if out.modality_reliability is None else out.modality_reliability
         clean = mask if modality_corruption is None else mask & (modality_corruption.to(mask.device) <= 0)
 
+        # The stacked heads read group-first inputs `(groups, B, width)` and return `(groups, B, num_labels)`.
         with torch.set_grad_enabled(torch.is_grad_enabled() and stage != 2):
-            unimodal_logits = torch.stack(
-                [self.unimodal_heads[m](out.task_relevant_embeds[:, i]) for i, m in enumerate(config.modalities)], 1)
-        component_logits = torch.stack([head(out.component_embeds[:, k]) for k, head in enumerate(self.component_heads)], 1)
-        gate_logits = self.gate(out.component_embeds.flatten(1))
+            unimodal_first = self.unimodal_heads(out.task_relevant_embeds.transpose(0, 1))
+        unimodal_logits = unimodal_first.transpose(0, 1)
+        component_embeds = out.component_embeds
+        components_first = torch.cat([self.component_heads(component_embeds[:, :-1].transpose(0, 1)),
+                                      self.synergy_head(component_embeds[:, -1]).unsqueeze(0)], 0)  # (K, B, labels)
+        component_logits = components_first.transpose(0, 1)
+        gate_logits = self.gate(component_embeds.flatten(1))
         if out.modality_reliability is not None:  # a component that needs an unreliable modality loses its weight
-            gate_logits = gate_logits + component_reliability(trust).clamp(min=1e-4).log().to(gate_logits.dtype)
+            reliable_components = component_reliability(trust)
+            gate_logits = gate_logits + reliable_components.clamp(min=1e-4).log().to(gate_logits.dtype)
         gate_logits = gate_logits.masked_fill(~component_mask, float("-inf"))
         weights = gate_logits.softmax(-1)
         gated = (weights.unsqueeze(-1) * component_logits).sum(1)
@@ -1410,38 +1485,44 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         regression = config.problem_type == "regression" or config.num_labels == 1
         if labels is not None and self.training and not regression:
             self.label_prior.update(labels)
-        modality_logits = torch.stack(
-            [self.modality_heads[m](out.modality_embeds[:, i].detach()) for i, m in enumerate(config.modalities)], 1)
+        modality_first = self.modality_heads(out.modality_embeds.detach().transpose(0, 1))
+        modality_logits = modality_first.transpose(0, 1)
         if regression:
             readout = weights
         else:
             with torch.no_grad():
                 # Components that need an unreliable modality are as good as absent for the readout too.
                 available = component_mask if out.modality_reliability is None else (
-                    component_reliability(trust) * component_mask)
+                    reliable_components * component_mask)
                 readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
                                                         available)
 
         terms = dict(out.loss_terms)
         loss = None
         if labels is not None:
-            # A sample with a corrupted modality trains the gate (to rest on the modalities that still work), not the
-            # components' predictions: many such samples are unpredictable (synergy without one addend), and their
-            # labels would teach the components noise. The components learn from intact samples below.
-            corrupted = (mask & ~clean).any(1)
-            trained = torch.where(corrupted[:, None, None], component_logits.detach(), component_logits)
-            terms["task_gated"] = self._task_loss((weights.unsqueeze(-1) * trained).sum(1), labels).mean()
-            for i, m in enumerate(config.modalities):
-                terms[f"task_unimodal_{m}"] = masked_mean(self._task_loss(unimodal_logits[:, i], labels), clean[:, i])
-                terms[f"readout_{m}"] = masked_mean(self._task_loss(modality_logits[:, i], labels), mask[:, i])
-            terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
             # The components learn from the samples whose modalities they read are intact (redundancy: all
             # samples; it reads the reliable modalities).
             intact = (clean | ~mask).all(1, keepdim=True)
             component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
-            for k, name in enumerate(config.component_names):
-                terms[f"task_component_{name}"] = masked_mean(
-                    self._task_loss(component_logits[:, k], labels), component_trained[:, k])
+            # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the
+            # component heads, each averaged over the samples it learns from.
+            # A sample with a corrupted modality trains the gate (to rest on the modalities that still work), not the
+            # components' predictions: many such samples are unpredictable (synergy without one addend), and their
+            # labels would teach the components noise.
+            corrupted = (mask & ~clean).any(1)
+            trained = torch.where(corrupted[:, None, None], component_logits.detach(), component_logits)
+            gated_trained = (weights.unsqueeze(-1) * trained).sum(1)
+            heads = torch.cat([gated_trained.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
+            learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
+            num = len(config.modalities)
+            task_gated, unimodal, readout_losses, components = _masked_means(
+                self._task_loss(heads, labels), learns.t()).split([1, num, num, num + 2])
+            terms["task_gated"] = task_gated.squeeze(0)
+            for pair in zip(_by_name("task_unimodal_{}", config.modalities, unimodal).items(),
+                            _by_name("readout_{}", config.modalities, readout_losses).items()):
+                terms.update(pair)
+            terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
+            terms.update(_by_name("task_component_{}", config.component_names, components))
             loss = self._stage_loss(terms, stage)
         return DmilClassifierOutput(
             loss=loss,
@@ -1451,7 +1532,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             component_logits=component_logits,
             unimodal_logits=unimodal_logits,
             modality_logits=modality_logits,
-            component_embeds=out.component_embeds,
+            component_embeds=component_embeds,
             modality_embeds=out.modality_embeds,
             modality_mask=mask,
             loss_terms=terms,
@@ -1465,12 +1546,143 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         return evaluate_loss(STAGE_LOSSES[stage], terms, self.config)
 
 
+
+# --- checkpoints of the per-modality layout -----------------------------------------------------------------------
+# Until the head's per-modality layers were stacked (`DmilGroupedLinear`), each was a module of its own in an
+# `nn.ModuleDict` keyed by modality (`dmil.relevant.<modality>.proj.weight`), and the component heads an
+# `nn.ModuleList` (`component_heads.<k>.weight`, the last one synergy's). Such checkpoints load through transformers'
+# conversion mapping, the mechanism that merges the experts of MoE checkpoints: `from_pretrained` stacks their tensors
+# into the grouped parameters, and `save_pretrained(..., save_original_format=True)` writes that layout again.
+
+def _old_key_pattern(old_key: str) -> str:
+    """The regex of a per-modality key (`{}`: the modality or component index), with or without the `dmil.` prefix
+    of the base model inside the classifier."""
+    before, after = old_key.split("{}")
+    return rf"^(?:{DmilPreTrainedModel.base_model_prefix}\.)?{re.escape(before)}(\w+){re.escape(after)}$"
+
+
+def _new_key_pattern(new_key: str) -> str:
+    return rf"^(?:{DmilPreTrainedModel.base_model_prefix}\.)?{re.escape(new_key)}$"
+
+
+def _group_names(config, components: bool) -> list[str]:
+    """What the `{}` of the per-modality keys takes, in the order of the stacked groups."""
+    return [str(k) for k in range(len(config.component_names))] if components else list(config.modalities)
+
+
+class DmilLayoutConverter(WeightConverter):
+    """
+    A `WeightConverter` whose operation receives every tensor under its full checkpoint key. The stock operations
+    (`MergeModulelist`) stack tensors in the order of their keys, which sorts modalities alphabetically; DMIL stacks
+    them in `config.modalities` order (text, vision, audio, then the feature modalities), so it reads the modality
+    from each key.
+    """
+
+    __slots__ = ("source_keys",)
+
+    def __init__(self, source_patterns, target_patterns, operations, force_cpu: bool = False):
+        super().__init__(source_patterns, target_patterns, operations, force_cpu=force_cpu)
+        self.source_keys = {}
+
+    def add_tensor(self, target_key, source_key, source_pattern, future):
+        super().add_tensor(target_key, source_key, source_pattern, future)
+        self.source_keys.setdefault(source_pattern, []).append(source_key)
+
+    def materialize_tensors(self):
+        keyed = {}
+        for pattern, tensors in super().materialize_tensors().items():
+            keys = self.source_keys.pop(pattern, [])
+            if len(keys) != len(tensors):
+                raise ValueError(f"{len(tensors)} tensors were read for {keys}; expected one per key.")
+            keyed.update(zip(keys, tensors))
+        return keyed
+
+    def reverse_transform(self):
+        reverse = self.operations[0].reverse_op.converter()
+        reverse.scope_prefix, reverse.base_model_prefix = self.scope_prefix, self.base_model_prefix
+        return reverse
+
+
+class DmilStackGroups(ConversionOps):
+    """Stack the per-modality tensors `old_key.format(name)` into the grouped parameter `new_keys[0]`, in the order of
+    `_group_names`; for the component heads (`components=True`) the last one, synergy's, becomes `new_keys[1]`."""
+
+    def __init__(self, old_key: str, new_keys: tuple[str, ...], components: bool = False):
+        self.old_key, self.new_keys, self.components = old_key, tuple(new_keys), components
+
+    def converter(self) -> DmilLayoutConverter:
+        return DmilLayoutConverter(_old_key_pattern(self.old_key), list(self.new_keys), [self])
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, full_layer_name=None, **kwargs):
+        pattern = re.compile(source_patterns[0])
+        found = {pattern.search(key).group(1): tensor for key, tensor in input_dict.items()}
+        names = _group_names(config, self.components)
+        if sorted(found) != sorted(names):
+            raise ValueError(f"the checkpoint holds {self.old_key!r} for {sorted(found)}; this model's config expects "
+                             f"{names}.")
+        stacked = torch.stack([found[name] for name in names])
+        if not self.components:
+            return {full_layer_name: stacked}
+        prefix = full_layer_name[: len(full_layer_name) - len(self.new_keys[0])]
+        return {full_layer_name: stacked[:-1], prefix + self.new_keys[1]: stacked[-1]}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return DmilUnstackGroups(self.old_key, self.new_keys, self.components)
+
+
+class DmilUnstackGroups(DmilStackGroups):
+    """The inverse of [`DmilStackGroups`]: one tensor per modality (or component) under its per-modality key."""
+
+    def converter(self) -> DmilLayoutConverter:
+        patterns = [_new_key_pattern(key) for key in self.new_keys]
+        return DmilLayoutConverter(patterns, self.new_keys[0], [self])
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, config=None, **kwargs):
+        parts, prefix = {}, ""
+        for key, tensor in input_dict.items():
+            new_key = next(k for k in self.new_keys if key.endswith(k))
+            prefix, parts[new_key] = key[: len(key) - len(new_key)], tensor
+        tensors = list(parts[self.new_keys[0]].unbind(0)) + ([parts[self.new_keys[1]]] if self.components else [])
+        names = _group_names(config, self.components)
+        if len(tensors) != len(names):
+            raise ValueError(f"{self.new_keys[0]!r} holds {len(tensors)} groups; this model's config has {names}.")
+        # Copies: the slices of one stacked tensor share its storage, which safetensors refuses to save.
+        return {prefix + self.old_key.format(name): tensor.clone() for name, tensor in zip(names, tensors)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return DmilStackGroups(self.old_key, self.new_keys, self.components)
+
+
+# The per-modality key of each stacked parameter (`{}`: the modality), then the component heads (`{}`: the index).
+_PER_MODALITY_KEYS = {
+    f"{module}.{{}}.{layer}{leaf}": f"{module}.{layer}{leaf}"
+    for module, layers in (("relevant", ("proj.",)), ("irrelevant", ("proj.",)), ("reconstruct", ("0.", "2.")),
+                           ("redundancy_from", ("proj.",)), ("unique", ("proj.",)),
+                           ("reconstruct_relevant", ("0.", "2.")), ("unimodal_heads", ("",)),
+                           ("modality_heads", ("0.", "2.")))
+    for layer in layers for leaf in ("weight", "bias")
+}
+CHECKPOINT_CONVERSIONS = (
+    [DmilStackGroups(old, (new,)).converter() for old, new in _PER_MODALITY_KEYS.items()]
+    + [DmilStackGroups(f"component_heads.{{}}.{leaf}", (f"component_heads.{leaf}", f"synergy_head.{leaf}"),
+                       components=True).converter() for leaf in ("weight", "bias")]
+)
+# Registered by the model type (the baselines have their own); `overwrite`: the file runs again when a checkpoint's
+# copy of it is loaded with `trust_remote_code`.
+register_checkpoint_conversion_mapping(DmilConfig.model_type, CHECKPOINT_CONVERSIONS, overwrite=True)
+
+
 __all__ = [
     "MAX_INPUT_MAGNITUDE",
     "DmilClassifierOutput",
     "DmilEncoders",
     "DmilFeatureTower",
     "DmilForMultimodalClassification",
+    "DmilGroupedLinear",
     "DmilModel",
     "DmilModelOutput",
     "DmilPreTrainedModel",

