@@ -42,17 +42,18 @@ DATASETS = tuple(CONFIGURATIONS)
 
 def _rows() -> dict[str, tuple[str, tuple[str, ...]]]:
     """The benchmark's rows: row name -> (registered method, extra `dmil train` options). Every method as its
-    defaults train it, and `joint_robust`: joint learning with the robustness training DMIL gets by default
-    (corrupted training rows and modality dropout at DMIL's rates), what a practitioner would do instead of DMIL."""
+    defaults train it, and after joint `joint_robust`: joint learning with the robustness training DMIL gets by
+    default (corrupted training rows and modality dropout at DMIL's rates), what a practitioner would do instead."""
     from .configuration_dmil import DEFAULT_MODALITY_DROPOUT
 
-    rows = {m: (m, ()) for m in METHODS}
     robust = ("--train-corruption", str(METHODS["dmil"].train_corruption),
               "--modality-dropout", str(DEFAULT_MODALITY_DROPOUT["dmil"]))
-    order = list(rows)
-    order.insert(order.index("joint") + 1, "joint_robust")
-    rows["joint_robust"] = ("joint", robust)
-    return {name: rows[name] for name in order}
+    rows = {}
+    for method in METHODS:
+        rows[method] = (method, ())
+        if method == "joint":
+            rows["joint_robust"] = ("joint", robust)
+    return rows
 
 
 ROWS = _rows()
@@ -200,10 +201,10 @@ def _measure(run_dir, configuration, preset) -> dict:
     processor = AutoProcessor.from_pretrained(run_dir) if towers else None
     out = {"degraded": {}, "parameters": sum(p.numel() for p in model.parameters()),
            "num_labels": model.config.num_labels}
+    clean, predictions = evaluate_model(model, processor, dsd["test"])
     report = degradation_report(lambda split: evaluate_model(model, processor, split)[0], dsd,
-                                num_labels=model.config.num_labels)
+                                num_labels=model.config.num_labels, clean=clean)
     out["degraded"], out["degradation_gap"] = report["accuracy"], report["gap"]
-    _, predictions = evaluate_model(model, processor, dsd["test"])
     for key, name in (("interaction_weights", "readout"), ("gate_weights", "gate")):
         if key in predictions and "interaction" in dsd["test"].column_names:
             out[name] = readout_agreement(predictions[key], dsd["test"]["interaction"], model.config.component_names)

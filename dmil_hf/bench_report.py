@@ -12,7 +12,8 @@ def _fmt(stat, scale=100.0, digits=1):
 
 
 # Target margins of the benchmark (points of accuracy; fractions of samples for the readout).
-OVERALL_MARGIN = {"digits": 2.0, "digits-pretrained": 2.0}  # DMIL must beat the best baseline by this much overall; 0 elsewhere
+# DMIL must beat the best baseline by this much overall; 0 elsewhere.
+OVERALL_MARGIN = {"digits": 2.0, "digits-pretrained": 2.0}
 DEGRADATION_GAP = 2.0  # DMIL's degradation gap (attainable minus degraded accuracy) on every modality at most this
 PARTIAL_TOLERANCE = 1.0  # with partial noise, DMIL at least the best baseline minus this
 ROW_TOLERANCE = 1.0  # no interaction type or degraded set more than this below the best baseline on that row

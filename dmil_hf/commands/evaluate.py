@@ -62,10 +62,7 @@ def run(args) -> int:
 
         report["degraded"] = degradation_report(
             lambda split: evaluate_model(model, processor, split, shared)[0], dsd, args.split,
-            num_labels=model.config.num_labels, modalities=shared)
-        if len(shared) == 1:
-            report["degraded"]["accuracy"] = {k: v for k, v in report["degraded"]["accuracy"].items()
-                                              if not k.startswith("missing_")}
+            num_labels=model.config.num_labels, modalities=shared, clean=report)
     result = {"test": report, "modalities_used": shared}
     if absent:
         result["modalities_absent"] = absent

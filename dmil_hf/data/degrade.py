@@ -234,18 +234,18 @@ def degrade_split(dataset: Dataset, modality: str, mode: str | Degradation, seed
                        load_from_cache_file=False)
 
 
-def degraded_test_sets(dsd: DatasetDict, seed: int = 0, degradations=DEGRADATIONS, split: str = "test"
-                       ) -> dict[str, Dataset]:
+def degraded_test_sets(dsd: DatasetDict, seed: int = 0, degradations=DEGRADATIONS, split: str = "test",
+                       modalities=None) -> dict[str, Dataset]:
     """`<degradation name>_<m>` copies of `split` (e.g. `noise_text`, `partial50_vision`, `blank_a`) for every
-    modality `m` of the dataset and every degradation of `degradations` that applies to it (`missing` only where
-    another modality remains); [`parse_degraded_name`] reads a name back."""
-    schema = inspect_dataset(dsd)
+    modality `m` of `modalities` (default: the dataset's) and every degradation of `degradations` that applies to it
+    (`missing` only where another of those modalities remains); [`parse_degraded_name`] reads a name back."""
+    modalities = list(modalities) if modalities is not None else inspect_dataset(dsd).modalities
     out = {}
     for degradation in degradations:
-        for modality in schema.modalities:
+        for modality in modalities:
             if not degradation.applies_to(modality):
                 continue
-            if degradation.kind == "missing" and len(schema.modalities) < 2:
+            if degradation.kind == "missing" and len(modalities) < 2:
                 continue
             out[f"{degradation.name}_{modality}"] = degrade_split(dsd[split], modality, degradation, seed=seed)
     return out
@@ -275,17 +275,17 @@ def attainable_accuracy(clean_by_type: dict, shares: dict, modality: str, num_la
 
 
 def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labels: int | None = None,
-                       modalities=None, seed: int = 0) -> dict:
+                       modalities=None, seed: int = 0, clean: dict | None = None) -> dict:
     """
     Accuracy on every degraded copy of `split` (`degraded_test_sets`), and for the kinds that remove a modality's
     information, the attainable level and the gap (see [`attainable_accuracy`]) where the split has interaction
     types. `evaluate(split) -> report` gives a report with `accuracy` (and `by_interaction`), e.g.
     `lambda s: dmil_hf.experiment.evaluate_model(model, processor, s)[0]`. `modalities`: the ones to degrade (default:
-    all of the dataset's).
+    all of the dataset's). `clean`: the report on the clean split where the caller has it (otherwise evaluated here).
     """
     from .schema import dataset_metadata
 
-    clean = evaluate(dsd[split])
+    clean = clean if clean is not None else evaluate(dsd[split])
     out = {"clean": clean["accuracy"], "accuracy": {}, "attainable": {}, "gap": {}}
     interactions = dsd[split]["interaction"] if "interaction" in dsd[split].column_names else None
     shares = None
@@ -293,10 +293,8 @@ def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labe
         values = np.asarray(interactions)
         shares = {t: float((values == t).mean()) for t in clean["by_interaction"]}
     metadata = dataset_metadata(dsd)
-    for name, degraded in degraded_test_sets(dsd, seed=seed, split=split).items():
+    for name, degraded in degraded_test_sets(dsd, seed=seed, split=split, modalities=modalities).items():
         degradation, modality = parse_degraded_name(name)
-        if modalities is not None and modality not in modalities:
-            continue
         out["accuracy"][name] = evaluate(degraded)["accuracy"]
         if shares is not None and degradation.removes_information:
             attainable = attainable_accuracy(clean["by_interaction"], shares, modality, num_labels, metadata)
