@@ -1475,7 +1475,14 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             gate_logits = gate_logits + reliable_components.clamp(min=1e-4).log().to(gate_logits.dtype)
         gate_logits = gate_logits.masked_fill(~component_mask, float("-inf"))
         weights = gate_logits.softmax(-1)
-        gated = (weights.unsqueeze(-1) * component_logits).sum(1)
+        mixed = component_logits
+        if modality_corruption is not None:
+            # A sample with a corrupted modality trains the gate (to rest on the modalities that still work), not the
+            # components' predictions: many such samples are unpredictable (synergy without one addend), and their
+            # labels would teach the components noise.
+            corrupted = (mask & ~clean).any(1)
+            mixed = torch.where(corrupted[:, None, None], component_logits.detach(), component_logits)
+        gated = (weights.unsqueeze(-1) * mixed).sum(1)
         if stage == 1:
             present = trust.unsqueeze(-1).to(unimodal_logits.dtype)
             logits = (unimodal_logits * present).sum(1) / present.sum(1).clamp(min=1e-6)
@@ -1506,13 +1513,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
             # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the
             # component heads, each averaged over the samples it learns from.
-            # A sample with a corrupted modality trains the gate (to rest on the modalities that still work), not the
-            # components' predictions: many such samples are unpredictable (synergy without one addend), and their
-            # labels would teach the components noise.
-            corrupted = (mask & ~clean).any(1)
-            trained = torch.where(corrupted[:, None, None], component_logits.detach(), component_logits)
-            gated_trained = (weights.unsqueeze(-1) * trained).sum(1)
-            heads = torch.cat([gated_trained.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
+            heads = torch.cat([gated.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
             learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
             num = len(config.modalities)
             task_gated, unimodal, readout_losses, components = _masked_means(
