@@ -74,6 +74,8 @@ _STANDARD_CONFIG_KEYS = frozenset({
     "custom_pipelines", "base_model_tp_plan", "base_model_pp_plan",
 }) | {field.name for field in dataclasses.fields(PretrainedConfig)}
 # True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
+# Fields whose default changed the architecture, with the value a config saved before the field existed must keep.
+_LEGACY_DEFAULTS = {"synergy_structure": "joint", "reliability_context": False}
 _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
 
 
@@ -162,6 +164,13 @@ class DmilConfig(PretrainedConfig):
             unseen feature datasets (user-dataset path, validation, one seed) it raised synergy accuracy from 49.7 to
             89.9 and from 24.9 to 65.0 (joint learning: 91.8 and 59.9), on `synthetic` to 0.99, and on `digits` (3
             seeds) overall accuracy from 67.2 to 69.7 (with `synergy_tower_gradient=0.25`).
+        synergy_structure (`str`, defaults to `"pairs"`): how the synergy component combines the modalities.
+            `"pairs"`: one small MLP per pair of modalities `(i, j)` on `[v_i, v_j, v_i ⊙ v_j]`, the pairs pooled per
+            sample by a learned attention over the pairs that are present (and reliable), so that a synergy of two
+            modalities survives the loss of a third. `"joint"`: one MLP over every modality's vector and all pairwise
+            products (the paper's form; what configs saved before this field existed load as). With two modalities
+            both are the same function. On `synthetic3` (three feature modalities, synergy between `a` and `b`),
+            `"joint"` lost 16 points on synergy samples when `c`, which synergy never needs, was missing.
         synergy_tower_gradient (`float`, defaults to 0.25): with `synergy_source="towers"`, the factor on the gradient
             the synergy component sends into the towers in stage 3 (its own projections always get the full
             gradient; the stage-1 warm-up sends none). At 1 the towers learn what synergy needs as fast as in joint
@@ -209,6 +218,16 @@ class DmilConfig(PretrainedConfig):
             missing one, smoothly: the components that need it lose gate weight, redundancy comes from the
             reliable modalities, synergy stops reading it, and the readout's `unique_<m>` drops. A model never shown
             corrupted samples keeps every reliability at 1 (the head is untrained). `False` is the paper.
+        reliability_context (`bool`, defaults to `True`): each reliability head also reads the other modalities (their
+            projected embeddings, detached, and which are present): whether a modality fits what the others say is
+            evidence of whether it works, beyond what its own embedding shows. `False` (what configs saved before
+            this field existed load as): each head reads its own tower's output only.
+        reliability_calibration (`dict[str, list[float]]`, *optional*): per modality, the `[scale, bias]` applied to
+            its reliability head's logit, fitted after training on the validation split and corrupted copies of it
+            (`dmil_hf.calibration.calibrate_reliability`, which `dmil train` runs). A detector trained on a few
+            training sentences or voices judges clean ones it has not seen as broken (on `digits`, clean held-out
+            sentences got a mean text reliability of 0.70 against 1.00 on training ones); the validation split,
+            which holds new ones, sets where its threshold lies. `None`: the heads' own logits.
         reliability_loss_weight (`float`, defaults to 1.0): weight of the reliability heads' loss (binary
             cross-entropy against 1 - corruption level, in every stage; the heads read detached inputs, so the loss
             trains them only).
@@ -252,6 +271,7 @@ class DmilConfig(PretrainedConfig):
         gate_hidden_size: int = 64,
         tower_pooling: str = "mean",
         synergy_source: str = "towers",
+        synergy_structure: str = "pairs",
         synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,
         lamb: float = 0.2,
@@ -277,6 +297,8 @@ class DmilConfig(PretrainedConfig):
         check_input_values: bool | None = None,
         freeze_towers: bool | list[str] = False,
         reliability_gating: bool = True,
+        reliability_context: bool = True,
+        reliability_calibration: dict | None = None,
         reliability_loss_weight: float = 1.0,
         modality_dropout: float | None = None,
         **kwargs,
@@ -318,6 +340,9 @@ class DmilConfig(PretrainedConfig):
         self.gate_hidden_size = int(gate_hidden_size)
         self.tower_pooling = tower_pooling
         self.synergy_source = synergy_source
+        if synergy_structure not in ("pairs", "joint"):
+            raise ValueError(f"`synergy_structure` is {synergy_structure!r}; expected 'pairs' or 'joint'.")
+        self.synergy_structure = synergy_structure
         self.synergy_gate_penalty = float(synergy_gate_penalty)
         self.dropout = float(dropout)
         self.lamb = float(lamb)
@@ -353,6 +378,9 @@ class DmilConfig(PretrainedConfig):
         if float(reliability_loss_weight) < 0:
             raise ValueError(f"`reliability_loss_weight` is {reliability_loss_weight}; expected a number >= 0.")
         self.reliability_gating = bool(reliability_gating)
+        self.reliability_context = bool(reliability_context)
+        self.reliability_calibration = (None if reliability_calibration is None else
+                                        {str(m): [float(v) for v in pair] for m, pair in reliability_calibration.items()})
         self.reliability_loss_weight = float(reliability_loss_weight)
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
@@ -445,6 +473,8 @@ class DmilConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """As [`PretrainedConfig.from_dict`]; extra keys of a saved config (attributes set before saving) are kept."""
+        # A config saved before a field existed gets the behaviour of that time, not today's default.
+        config_dict = {**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in config_dict}, **config_dict}
         token = _FROM_SAVED_DICT.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)

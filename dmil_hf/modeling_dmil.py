@@ -77,6 +77,11 @@ class DmilModelOutput(ModelOutput):
             modality of each sample can be trusted, in [0, 1] (0 for absent ones; see [`DmilReliability`]).
         task_relevant_embeds / task_irrelevant_embeds (`torch.FloatTensor` of shape
             `(batch_size, num_modalities, latent_size)`): level-1 latents (samples in training, means in eval).
+        synergy_pair_embeds (`torch.FloatTensor` of shape `(batch_size, num_pairs, latent_size)`, with
+            `synergy_structure="pairs"`): the synergy component's latent of each pair of modalities, pairs in the
+            order (0, 1), (0, 2), ..., (1, 2), ... of `config.modalities`.
+        synergy_pair_mask (`torch.BoolTensor` of shape `(batch_size, num_pairs)`, with `synergy_structure="pairs"`):
+            which pairs have both modalities present.
         hidden_states (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_hidden_states=True`): each
             transformers tower's hidden states (embeddings, then one per layer), by modality. Feature-vector towers
             have none and are absent from the dict.
@@ -94,6 +99,8 @@ class DmilModelOutput(ModelOutput):
     modality_reliability: torch.FloatTensor | None = None
     task_relevant_embeds: torch.FloatTensor | None = None
     task_irrelevant_embeds: torch.FloatTensor | None = None
+    synergy_pair_embeds: torch.FloatTensor | None = None
+    synergy_pair_mask: torch.BoolTensor | None = None
     hidden_states: dict | None = None
     attentions: dict | None = None
     loss_terms: dict | None = None
@@ -261,17 +268,21 @@ class DmilReliability(nn.Module):
     present modality, so a model trained without corruption behaves as before. Absent modalities get 0.
     """
 
-    def __init__(self, widths: dict[str, int], hidden_size: int):
+    def __init__(self, widths: dict[str, int], hidden_size: int, context_size: int = 0):
         super().__init__()
-        self.heads = nn.ModuleDict({m: _mlp(width, hidden_size, 1) for m, width in widths.items()})
+        self.heads = nn.ModuleDict({m: _mlp(width + context_size, hidden_size, 1) for m, width in widths.items()})
         self.register_buffer("calibrated", torch.zeros(()))
 
-    def forward(self, pooled: dict, mask, corruption=None):
+    def forward(self, pooled: dict, mask, corruption=None, context=None, calibration=None):
         """`(reliability (B, M) detached, loss terms)` from the pooled tower outputs (a dict over the modalities
-        present), the presence mask and the training corruption levels `(B, M)` (None at inference)."""
+        present), the presence mask, the training corruption levels `(B, M)` (None at inference), with
+        `context_size` what every head also reads `(B, context_size)` (detached here), and `calibration`, the
+        per-modality `[scale, bias]` of `config.reliability_calibration` applied to the heads' logits (not to the
+        training loss)."""
         names = list(self.heads)
         reference = next(iter(pooled.values()))
-        logits = torch.stack([self.heads[m](pooled[m].detach()).squeeze(-1) if m in pooled
+        extra = [] if context is None else [context.detach().to(reference.dtype)]
+        logits = torch.stack([self.heads[m](torch.cat([pooled[m].detach()] + extra, -1)).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for m in names], 1).float()
         terms = {}
         for i, m in enumerate(names):
@@ -283,6 +294,9 @@ class DmilReliability(nn.Module):
                     F.binary_cross_entropy_with_logits(logits[:, i], target, reduction="none"), mask[:, i])
         if corruption is not None and self.training:
             self.calibrated.fill_(1.0)
+        if calibration:
+            scale, bias = logits.new_tensor([calibration.get(m, (1.0, 0.0)) for m in names]).unbind(-1)
+            logits = logits * scale + bias
         reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
         return reliability * mask.to(reliability.dtype), terms
 
@@ -342,6 +356,44 @@ def _grouped_mlp(groups: int, input_size: int, hidden_size: int, output_size: in
     """One `_mlp` per group, run as two batched products: `(groups, batch, input_size)` -> `(groups, batch, output)`."""
     return nn.Sequential(DmilGroupedLinear(groups, input_size, hidden_size), nn.GELU(),
                          DmilGroupedLinear(groups, hidden_size, output_size))
+
+
+class DmilPairwiseSynergy(nn.Module):
+    """
+    The synergy component built pair by pair (`synergy_structure="pairs"`): for each pair of modalities `(i, j)` one
+    small MLP reads `[v_i, v_j, v_i ⊙ v_j]` (all pairs as one batched product), and a learned per-sample attention
+    pools the pairs' latents, each pair's score offset by the log of how far both of its modalities are present and
+    reliable. A synergy of two modalities therefore keeps its input when a third one is lost or broken, instead of
+    seeing an input it never saw in training. With two modalities there is one pair: the paper's synergy MLP.
+
+    Each pair's latent is also trained to predict the label alone (`DmilForMultimodalClassification` adds its
+    synergy-head loss to the component's), so whichever pairs remain carry what they can.
+
+    Shapes: `views` `(batch, modalities, width)`, `trust` `(batch, modalities)` in [0, 1] -> the pooled latent
+    `(batch, latent)`, the pairs' latents `(batch, pairs, latent)` and which pairs are present `(batch, pairs)`.
+    """
+
+    def __init__(self, num_modalities: int, width: int, hidden_size: int, latent_size: int):
+        super().__init__()
+        pairs = [(i, j) for i in range(num_modalities) for j in range(i + 1, num_modalities)]
+        self.left, self.right = [i for i, _ in pairs], [j for _, j in pairs]
+        self.mlp = _grouped_mlp(len(pairs), 3 * width, hidden_size, latent_size)
+        # One pair needs no pooling (and a parameter outside the graph would stop DDP).
+        self.score = DmilGroupedLinear(len(pairs), latent_size, 1) if len(pairs) > 1 else None
+
+    def forward(self, views, trust):
+        left, right = views[:, self.left], views[:, self.right]  # (B, P, width)
+        latents = self.mlp(torch.cat([left, right, left * right], -1).transpose(0, 1))  # (P, B, latent)
+        pair_trust = (trust[:, self.left] * trust[:, self.right]).to(latents.dtype)  # (B, P)
+        present = pair_trust > 0
+        if self.score is None:
+            return latents[0], latents.transpose(0, 1), present
+        # An absent pair is out (a finite floor: a sample with no pair gets a uniform, unused mix, never NaN); an
+        # unreliable one is down-weighted by the log of its trust.
+        scores = self.score(latents).squeeze(-1).t() + pair_trust.clamp(min=1e-4).log()
+        scores = scores.masked_fill(~present, -1e4)
+        pooled = torch.einsum("bp,pbl->bl", scores.softmax(-1), latents)
+        return pooled, latents.transpose(0, 1), present
 
 
 def _masked_means(values, mask):
@@ -989,9 +1041,14 @@ class DmilModel(DmilPreTrainedModel):
             self.synergy_projections = nn.ModuleDict({
                 m: nn.Sequential(nn.Linear(self.encoders.tower_width(m), hidden), nn.LayerNorm(hidden))
                 for m in modalities})
-        self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
+        if config.synergy_structure == "pairs":
+            self.synergy = DmilPairwiseSynergy(num, width, config.hidden_size, latent)
+        else:
+            self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
         if config.reliability_gating:
-            self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden)
+            # With `reliability_context`, every head also reads all modalities' projected embeddings and presence.
+            context = num * (hidden + 1) if config.reliability_context else 0
+            self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden, context)
         self.post_init()
 
     def synergy_modules(self):
@@ -1050,7 +1107,10 @@ class DmilModel(DmilPreTrainedModel):
             mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         if hasattr(self, "reliability"):
-            reliability, reliability_terms = self.reliability(pooled, mask, corruption)
+            context = (torch.cat([embeds.flatten(1), mask.to(embeds.dtype)], 1) if self.config.reliability_context
+                       else None)
+            reliability, reliability_terms = self.reliability(pooled, mask, corruption, context,
+                                                              self.config.reliability_calibration)
         else:  # the stage losses read these terms; without reliability heads they are zero
             reliability, reliability_terms = None, {f"reliability_{m}": embeds.new_zeros(()) for m in self.config.modalities}
         synergy_embeds = (self.synergy_inputs(pooled, mask, reliability) if self.config.synergy_source == "towers"
@@ -1159,8 +1219,13 @@ class DmilModel(DmilPreTrainedModel):
             sources = sources * reliability.unsqueeze(-1).to(sources.dtype)
         if config.training_stage == 1 and config.synergy_source != "towers":
             sources = sources.detach()  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
-        pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
-        synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
+        if config.synergy_structure == "pairs":
+            synergistic, pair_embeds, pair_mask = self.synergy(
+                sources, mask.to(sources.dtype) if reliability is None else reliability)
+        else:
+            pair_embeds = pair_mask = None
+            pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
+            synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
 
         component_embeds = torch.cat([redundant.unsqueeze(1), u_sample.transpose(0, 1), synergistic.unsqueeze(1)], 1)
         # Synergy needs two modalities, not all of them: with three, a sample missing one can still be a pair's synergy.
@@ -1177,6 +1242,8 @@ class DmilModel(DmilPreTrainedModel):
             task_irrelevant_embeds=z_ir.transpose(0, 1),
             component_names=config.component_names,
             modality_reliability=reliability,
+            synergy_pair_embeds=pair_embeds,
+            synergy_pair_mask=pair_mask,
         )
 
 
@@ -1516,8 +1583,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             heads = torch.cat([gated.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
             learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
             num = len(config.modalities)
-            task_gated, unimodal, readout_losses, components = _masked_means(
-                self._task_loss(heads, labels), learns.t()).split([1, num, num, num + 2])
+            losses = self._task_loss(heads, labels)
+            if out.synergy_pair_embeds is not None:
+                # The synergy component learns from its pooled latent and from each present pair's alone (the mean).
+                pair_losses = self._task_loss(self.synergy_head(out.synergy_pair_embeds).transpose(0, 1), labels)
+                pairs = out.synergy_pair_mask.t().to(pair_losses.dtype)
+                synergy_loss = (losses[-1] + (pair_losses * pairs).sum(0)) / (1.0 + pairs.sum(0))
+                losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
+            task_gated, unimodal, readout_losses, components = _masked_means(losses, learns.t()).split(
+                [1, num, num, num + 2])
             terms["task_gated"] = task_gated.squeeze(0)
             for pair in zip(_by_name("task_unimodal_{}", config.modalities, unimodal).items(),
                             _by_name("readout_{}", config.modalities, readout_losses).items()):

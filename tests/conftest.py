@@ -22,7 +22,7 @@ COMBINATIONS = {
     "text+vision+audio": TOWER_MODALITIES,
     "two features": ("alpha", "beta"),
 }
-FEATURE_DIMS = {"alpha": 6, "beta": 4}
+FEATURE_DIMS = {"alpha": 6, "beta": 4, "gamma": 5}
 
 
 class ModelTester:
