@@ -98,11 +98,11 @@ class _DmilBaselineModel(DmilPreTrainedModel):
         options = self._output_options(return_dict, output_hidden_states, output_attentions)
         if labels is not None:
             self._check_labels(labels, inputs)
-        embeds, mask, hidden_states, attentions = self.encoders.encode(inputs, modality_mask, *options[1:])
+        embeds, mask, tower_outputs = self.encoders.encode(inputs, modality_mask, *options[1:])
         if self.training and self.config.modality_dropout_probability > 0:  # the practitioner's modality dropout
             mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
-        return options[0], embeds, mask, {"hidden_states": hidden_states, "attentions": attentions}
+        return options[0], embeds, mask, {f"{m}_model_output": out for m, out in tower_outputs.items()}
 
     @staticmethod
     def _finish(output: DmilClassifierOutput, return_dict: bool):

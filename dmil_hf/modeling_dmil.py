@@ -60,8 +60,19 @@ def problem_type(config) -> str:
     return "regression" if config.num_labels == 1 else "single_label_classification"
 
 
+# The output field holding each transformers tower's own output, as CLIP's `text_model_output` / `vision_model_output`.
+TOWER_OUTPUTS = tuple(f"{m}_model_output" for m in TOWER_MODALITIES)
+
+
+class _DmilOutput(ModelOutput):
+    """As CLIP's outputs: in the tuple form, each tower's output (a `ModelOutput` itself) is a tuple too."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[k].to_tuple() if k in TOWER_OUTPUTS else self[k] for k in self.keys())
+
+
 @dataclass
-class DmilModelOutput(ModelOutput):
+class DmilModelOutput(_DmilOutput):
     """
     Output of [`DmilModel`]: the decomposed representation of every sample. As a tuple (`return_dict=False`) the
     fields that are not None come in this order, the component embeddings first.
@@ -77,12 +88,13 @@ class DmilModelOutput(ModelOutput):
             modality of each sample can be trusted, in [0, 1] (0 for absent ones; see [`DmilReliability`]).
         task_relevant_embeds / task_irrelevant_embeds (`torch.FloatTensor` of shape
             `(batch_size, num_modalities, latent_size)`): level-1 latents (samples in training, means in eval).
-        hidden_states (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_hidden_states=True`): each
-            transformers tower's hidden states (embeddings, then one per layer), by modality. Feature-vector towers
-            have none and are absent from the dict.
-        attentions (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_attentions=True`): each tower's
-            attention weights, by modality. A tower returns them only with `attn_implementation="eager"` (SDPA
-            computes none; transformers then warns and the tuple is empty).
+        text_model_output / vision_model_output / audio_model_output (`ModelOutput`, returned with
+            `output_hidden_states` or `output_attentions`): that transformers tower's own output (`last_hidden_state`,
+            its `hidden_states`: the embeddings, then one per layer, and its `attentions`), as CLIP returns its
+            towers'. Absent for a modality the model lacks, was not given, or got as `<modality>_tower_embeds`;
+            feature-vector towers have none. `output_hidden_states` may list layer indices (e.g. `[0, -1]`) for the
+            towers that can capture a subset; attentions come only with `attn_implementation="eager"` (SDPA computes
+            none).
         loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
     """
@@ -94,14 +106,15 @@ class DmilModelOutput(ModelOutput):
     modality_reliability: torch.FloatTensor | None = None
     task_relevant_embeds: torch.FloatTensor | None = None
     task_irrelevant_embeds: torch.FloatTensor | None = None
-    hidden_states: dict | None = None
-    attentions: dict | None = None
+    text_model_output: ModelOutput | None = None
+    vision_model_output: ModelOutput | None = None
+    audio_model_output: ModelOutput | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
 
 
 @dataclass
-class DmilClassifierOutput(ModelOutput):
+class DmilClassifierOutput(_DmilOutput):
     """
     Output of [`DmilForMultimodalClassification`] (and of the baselines, which leave the fields they do not compute
     None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given).
@@ -127,8 +140,8 @@ class DmilClassifierOutput(ModelOutput):
         modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, DMIL only): the per-sample
             reliability of each modality in [0, 1], computed without labels (see [`DmilReliability`]); a modality near
             0 is handled like a missing one.
-        hidden_states / attentions (`dict[str, tuple[torch.FloatTensor]]`, *optional*): the towers', by modality,
-            as in [`DmilModelOutput`].
+        text_model_output / vision_model_output / audio_model_output (`ModelOutput`, *optional*): the towers' own
+            outputs, as in [`DmilModelOutput`].
         loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
         component_names (`tuple[str]`).
     """
@@ -144,8 +157,9 @@ class DmilClassifierOutput(ModelOutput):
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
     modality_reliability: torch.FloatTensor | None = None
-    hidden_states: dict | None = None
-    attentions: dict | None = None
+    text_model_output: ModelOutput | None = None
+    vision_model_output: ModelOutput | None = None
+    audio_model_output: ModelOutput | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
 
@@ -466,7 +480,7 @@ class DmilEncoders(nn.Module):
 
     Instead of a tower's inputs, `<modality>_tower_embeds` `(batch, tower width)` may carry that tower's pooled output
     computed beforehand (what [`DmilEncoders.pooled_output`] returns): the tower is then skipped and only its
-    projection runs (so that modality has no `hidden_states` / `attentions` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
+    projection runs (so that modality has no `<modality>_model_output` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
     off, and run without building a graph.
 
     `towers` (modality -> module, optional) are already-built towers to use instead of random ones (as
@@ -615,7 +629,9 @@ class DmilEncoders(nn.Module):
                     raise ValueError(f"Input {modality}_{name} is a scalar; expected a batch-first tensor.")
                 batch_sizes[f"{modality}_{name}"] = tensor.shape[0]
             self._check_companion_shapes(modality, main, kwargs)
-        if len(set(batch_sizes.values())) > 1:
+        # Compared eagerly only: under torch.export with dynamic shapes the sizes are symbols, which a set cannot hold.
+        first = next(iter(batch_sizes.values()))
+        if eager and any(size != first for size in batch_sizes.values()):
             raise ValueError(f"Inputs disagree on the batch size: {batch_sizes}.")
         return routed
 
@@ -748,7 +764,9 @@ class DmilEncoders(nn.Module):
             kwargs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in kwargs.items()}
         flags = {}
         if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
-            flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
+            # A list of layer indices passes through: transformers towers capture just those layers.
+            flags = {"output_hidden_states": output_hidden_states if isinstance(output_hidden_states, (list, tuple))
+                     else bool(output_hidden_states), "output_attentions": bool(output_attentions)}
         with torch.set_grad_enabled(torch.is_grad_enabled() and modality not in self.frozen_modalities):
             outputs = tower(**kwargs, **flags)
             pooled = self.pool(outputs, kwargs.get("attention_mask"))
@@ -756,13 +774,14 @@ class DmilEncoders(nn.Module):
 
     def forward(self, inputs: dict, modality_mask=None):
         """Returns `(embeds (B, M, hidden_size), mask (B, M) bool)`; absent modalities get zero embeddings."""
-        embeds, mask, _, _ = self.encode(inputs, modality_mask)
+        embeds, mask, _ = self.encode(inputs, modality_mask)
         return embeds, mask
 
     def encode(self, inputs: dict, modality_mask=None, output_hidden_states=False, output_attentions=False,
                return_pooled=False):
-        """As `forward`, plus the towers' hidden states and attentions by modality (None when not asked for), and with
-        `return_pooled` the pooled tower outputs before the projection (a dict over the modalities present)."""
+        """As `forward`, plus the transformers towers' own outputs by modality (with their hidden states and
+        attentions; an empty dict when neither is asked for), and with `return_pooled` the pooled tower outputs before
+        the projection (a dict over the modalities present)."""
         routed = self.route(inputs)
         self.check_values(routed)
         batch_size = next(iter(next(iter(routed.values())).values())).shape[0]
@@ -779,7 +798,7 @@ class DmilEncoders(nn.Module):
         mask = mask & modality_mask if modality_mask is not None else mask.clone()
         if modality_mask is not None and value_checks_enabled(self.config, mask) and not mask.any(1).all():
             raise ValueError("modality_mask marks every modality absent for some samples; keep at least one.")
-        embeds, hidden_states, attentions, pooled_outputs = [], {}, {}, {}
+        embeds, tower_outputs, pooled_outputs = [], {}, {}
         for modality in self.modalities:
             if modality not in routed:
                 embeds.append(None)
@@ -790,16 +809,12 @@ class DmilEncoders(nn.Module):
             else:
                 pooled, outputs = self.pooled_output(modality, routed[modality], output_hidden_states,
                                                      output_attentions)
-                if output_hidden_states and self._accepts_output_flags(modality):
-                    hidden_states[modality] = getattr(outputs, "hidden_states", None) or ()
-                if output_attentions and self._accepts_output_flags(modality):
-                    attentions[modality] = getattr(outputs, "attentions", None) or ()
+                if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
+                    tower_outputs[modality] = outputs
             embeds.append(self.dropout(projection(pooled)))
             pooled_outputs[modality] = pooled
         embeds = _stack_modalities(embeds, mask)
-        out = (embeds, mask, hidden_states if output_hidden_states else None,
-               attentions if output_attentions else None)
-        return out + (pooled_outputs,) if return_pooled else out
+        return (embeds, mask, tower_outputs, pooled_outputs) if return_pooled else (embeds, mask, tower_outputs)
 
 
 class DmilPreTrainedModel(PreTrainedModel):
@@ -836,7 +851,8 @@ class DmilPreTrainedModel(PreTrainedModel):
         Give this instance a `forward` whose signature lists its modality inputs. The class's `forward` takes them as
         `**inputs`, which shows `transformers.Trainer` no column name: with `remove_unused_columns=True` (the default)
         it would drop every modality column. Trainer reads `inspect.signature(model.forward)`, so the instance gets a
-        thin wrapper (keyword arguments only) that carries a signature built from `config.modalities`.
+        thin wrapper that carries a signature built from `config.modalities`. It takes keyword arguments, and as
+        transformers models do (`model(input_ids)`), one positional argument: the main input, `main_input_name`.
         """
         names = self.forward_input_names()
         if not names:
@@ -844,18 +860,21 @@ class DmilPreTrainedModel(PreTrainedModel):
         class_forward = type(self).forward
 
         def forward(self, *args, **kwargs):
-            if args:
+            if len(args) > 1 or (args and names[0] in kwargs):
                 raise TypeError(
-                    f"{type(self).__name__}.forward takes keyword arguments only (e.g. {names[0]}=...); got "
-                    f"{len(args)} positional argument(s)."
+                    f"{type(self).__name__}.forward takes keyword arguments, and at most one positional argument, the "
+                    f"main input {names[0]}; got {len(args)} positional argument(s)"
+                    + (f" and {names[0]}= as well." if names[0] in kwargs else ".")
                 )
+            if args:
+                kwargs[names[0]] = args[0]
             return class_forward(self, **kwargs)
 
         functools.update_wrapper(forward, class_forward)
-        keyword = inspect.Parameter.KEYWORD_ONLY
+        either, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
         forward.__signature__ = inspect.Signature(
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            + [inspect.Parameter(name, keyword, default=None) for name in names])
+            [inspect.Parameter("self", either), inspect.Parameter(names[0], either, default=None)]
+            + [inspect.Parameter(name, keyword, default=None) for name in names[1:]])
         object.__setattr__(self, "forward", types.MethodType(forward, self))
         self.main_input_name = names[0]
 
@@ -1034,7 +1053,8 @@ class DmilModel(DmilPreTrainedModel):
                 losses skip corrupted modalities.
             return_dict (`bool`, *optional*): return a [`DmilModelOutput`] (default: `config.return_dict`) or a tuple.
             output_hidden_states / output_attentions (`bool`, *optional*): also return each transformers tower's
-                hidden states / attention weights, by modality (default: the config's flags).
+                output with its hidden states / attention weights, as `<modality>_model_output` (default: the
+                config's flags); `output_hidden_states` may be a list of layer indices.
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
                 `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
                 `inspect.signature(model.forward)` lists them all (see `forward_input_names`).
@@ -1043,7 +1063,7 @@ class DmilModel(DmilPreTrainedModel):
             return_dict, output_hidden_states, output_attentions)
         # Stage 2 trains level 2 only: skip building a graph through the frozen towers.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
-            embeds, mask, hidden_states, attentions, pooled = self.encoders.encode(
+            embeds, mask, tower_outputs, pooled = self.encoders.encode(
                 inputs, modality_mask, output_hidden_states, output_attentions, return_pooled=True)
         corruption = self._check_corruption(modality_corruption, mask)
         if self.training and self.config.training_stage != 1 and self.config.modality_dropout_probability > 0:
@@ -1057,8 +1077,8 @@ class DmilModel(DmilPreTrainedModel):
                           else None)
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
-        if hidden_states is not None or attentions is not None:  # rebuilt so the fields keep their tuple positions
-            out = DmilModelOutput(**dict(out.items()), hidden_states=hidden_states, attentions=attentions)
+        if tower_outputs:  # rebuilt so the fields keep their tuple positions
+            out = DmilModelOutput(**dict(out.items()), **{f"{m}_model_output": o for m, o in tower_outputs.items()})
         return out if return_dict else out.to_tuple()
 
     def _check_corruption(self, corruption, mask):
@@ -1434,8 +1454,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
             return_dict (`bool`, *optional*): return a [`DmilClassifierOutput`] (default: `config.return_dict`) or a
                 tuple of its fields that are not None (`loss` first when labels are given, then `logits`).
-            output_hidden_states / output_attentions (`bool`, *optional*): also return the towers' hidden states /
-                attention weights, by modality (see [`DmilModelOutput`]).
+            output_hidden_states / output_attentions (`bool`, *optional*): also return each tower's output with its
+                hidden states / attention weights, as `<modality>_model_output` (see [`DmilModelOutput`]).
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
                 `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
                 `inspect.signature(model.forward)` lists them all, so `transformers.Trainer` keeps those columns.
@@ -1447,8 +1467,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         out = self.dmil(modality_mask=modality_mask, modality_corruption=modality_corruption, return_dict=True,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, **inputs)
         result = self.classify(out, labels, modality_corruption)
-        if out.hidden_states is not None or out.attentions is not None:
-            result = type(result)(**dict(result.items()), hidden_states=out.hidden_states, attentions=out.attentions)
+        towers = {key: out[key] for key in TOWER_OUTPUTS if key in out}
+        if towers:  # rebuilt so the fields keep their tuple positions
+            result = type(result)(**dict(result.items()), **towers)
         return result if return_dict else result.to_tuple()
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
