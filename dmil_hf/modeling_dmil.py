@@ -53,8 +53,8 @@ def value_checks_enabled(config, *tensors) -> bool:
 
 
 def problem_type(config) -> str:
-    """`config.problem_type`, or what transformers infers without one: regression for `num_labels == 1`, else
-    single-label classification (DMIL refuses multi-label)."""
+    """`config.problem_type`, or what transformers infers without one (from the config alone): regression for
+    `num_labels == 1`, else single-label classification. Multi-label classification must be set explicitly."""
     if config.problem_type is not None:
         return config.problem_type
     return "regression" if config.num_labels == 1 else "single_label_classification"
@@ -75,7 +75,8 @@ class _DmilOutput(ModelOutput):
 class DmilModelOutput(_DmilOutput):
     """
     Output of [`DmilModel`]: the decomposed representation of every sample. As a tuple (`return_dict=False`) the
-    fields that are not None come in this order, the component embeddings first.
+    fields that are not None come in this order, the component embeddings first (each `<modality>_model_output` as a
+    tuple of its own).
 
     Args:
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`):
@@ -117,16 +118,20 @@ class DmilModelOutput(_DmilOutput):
 class DmilClassifierOutput(_DmilOutput):
     """
     Output of [`DmilForMultimodalClassification`] (and of the baselines, which leave the fields they do not compute
-    None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given).
+    None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given;
+    each `<modality>_model_output` as a tuple of its own).
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage.
+        loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage
+            (every head's task loss: cross-entropy; per-label binary cross-entropy for multi-label; squared error for
+            regression).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): gated prediction (stage 1: the mean of
             the unimodal heads).
         interaction_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the per-sample
             interaction readout over `component_names` (each row sums to one): the pointwise split of the model's own
             prediction into redundancy, uniqueness and synergy (see [`pointwise_interaction_weights`]); needs no label.
-            For regression, the gate weights.
+            Multi-label: the split of the predicted label set (every label's decision at once). Regression: the gate
+            weights.
         gate_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the gate's softmax weights
             that mix `component_logits` into `logits`; each row sums to one. They serve accuracy, not reading.
         component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).
@@ -199,7 +204,8 @@ def component_reliability(modality_reliability):
     return torch.cat([1.0 - none, modality_reliability, (1.0 - none - exactly_one).clamp(min=0.0)], 1)
 
 
-def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None):
+def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None,
+                                  multi_label: bool = False):
     r"""
     The per-sample interaction readout: how the information about the model's own prediction splits into
     redundancy, uniqueness and synergy, as weights over `("redundancy", "unique_<m>"..., "synergy")`.
@@ -216,25 +222,43 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
     heard) would otherwise turn every redundant sample into a unique one (on `digits` validation the share of samples
     whose largest weight names the true type went from 67.5-77.7% to 75.7-81.8% over two trained models).
 
+    Multi-label (`multi_label=True`): \(\hat y\) is the predicted label set, the vector of every label's own
+    decision (logit > 0), and the labels are read as independent Bernoullis, so \(\log p(\hat y \mid x_m) =
+    \sum_k \log p(\hat y_k \mid x_m)\) (sigmoids of the logits), and likewise for the fused prediction and the prior:
+    the split is of the information about the whole predicted set, the labels predicted absent included.
+
     Args:
         modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): p(y | x_m) from
             each modality alone.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the fused prediction.
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): absent modalities carry nothing.
-        log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted.
+        log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted
+            (multi-label: log p(label k present), 1/2 when omitted).
         component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`, *optional*): components that
             exist for each sample; the others get weight 0 (a float tensor in [0, 1] scales them: how available each
             component is, e.g. from the modalities' reliabilities).
+        multi_label (`bool`, defaults to `False`): the logits are independent per-label logits (see above).
     """
-    unimodal = modality_logits.float().log_softmax(-1)
-    fused = logits.float().log_softmax(-1)
-    predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
-    if log_prior is None:
-        log_prior = fused.new_full((fused.shape[-1],), -math.log(fused.shape[-1]))
-    prior = log_prior.float().to(fused.device)[predicted]  # (B, 1)
-    index = predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)
-    information = (unimodal.gather(-1, index).squeeze(-1) - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
-    joint = (fused.gather(-1, predicted) - prior).clamp(min=0.0)  # (B, 1)
+    fused = logits.float()
+    if multi_label:
+        # The log-probability of the predicted set: Σ_k log σ(±logit_k), + where label k is predicted present.
+        sign = torch.where(fused > 0, 1.0, -1.0)  # (B, C)
+        fused_log_p = F.logsigmoid(fused * sign).sum(-1, keepdim=True)  # (B, 1)
+        unimodal_log_p = F.logsigmoid(modality_logits.float() * sign.unsqueeze(1)).sum(-1)  # (B, M)
+        present = fused.new_full((fused.shape[-1],), -math.log(2.0)) if log_prior is None else log_prior.float()
+        present = present.to(fused.device)
+        prior = torch.where(sign > 0, present, torch.log1p(-present.exp())).sum(-1, keepdim=True)  # (B, 1)
+    else:
+        unimodal = modality_logits.float().log_softmax(-1)
+        fused = fused.log_softmax(-1)
+        predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
+        if log_prior is None:
+            log_prior = fused.new_full((fused.shape[-1],), -math.log(fused.shape[-1]))
+        prior = log_prior.float().to(fused.device)[predicted]  # (B, 1)
+        fused_log_p = fused.gather(-1, predicted)
+        unimodal_log_p = unimodal.gather(-1, predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)).squeeze(-1)
+    information = (unimodal_log_p - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
+    joint = (fused_log_p - prior).clamp(min=0.0)  # (B, 1)
     # Absent modalities carry 0, so with fewer than two present the second largest is 0: no redundancy.
     ranked = information.sort(1, descending=True).values
     redundancy = ranked[:, 1:2] if ranked.shape[1] > 1 else torch.zeros_like(joint)
@@ -249,19 +273,31 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
 
 
 class DmilLabelPrior(nn.Module):
-    """Counts of the training labels seen (a buffer saved with the model): p(y) for the interaction readout."""
+    """Counts of the training labels seen (buffers saved with the model): p(y) for the interaction readout. Multi-label
+    (`multi_label=True`): how often each label was present, and in `samples` how many samples were seen, for
+    p(label k present)."""
 
-    def __init__(self, num_labels: int):
+    def __init__(self, num_labels: int, multi_label: bool = False):
         super().__init__()
         self.register_buffer("counts", torch.zeros(num_labels))
+        if multi_label:
+            self.register_buffer("samples", torch.zeros(()))
 
     def update(self, labels):
+        if hasattr(self, "samples"):  # multi-hot (batch, num_labels)
+            labels = labels.detach().to(self.counts)
+            self.counts.add_(labels.sum(0))
+            self.samples.add_(labels.shape[0])
+            return
         # index_add_ keeps a static shape (bincount's output size depends on the values: no torch.compile/export).
         labels = labels.view(-1).to(self.counts.device)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
     def log_prior(self):
-        # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform.
+        # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform (1/2 for
+        # each label of a multi-label model).
+        if hasattr(self, "samples"):
+            return ((self.counts + 1.0) / (self.samples + 2.0)).log()
         counts = self.counts + 1.0
         return (counts / counts.sum()).log()
 
@@ -936,6 +972,8 @@ class DmilPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, DmilLabelPrior):
             nn.init.zeros_(module.counts)
+            if hasattr(module, "samples"):
+                nn.init.zeros_(module.samples)
         elif isinstance(module, DmilReliability):
             nn.init.zeros_(module.calibrated)
 
@@ -1332,8 +1370,6 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
 
     def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
-        if config.problem_type == "multi_label_classification":
-            raise ValueError("problem_type 'multi_label_classification' is not supported; use single-label or regression.")
         self.num_labels = config.num_labels
         latent, modalities = config.latent_size, config.modalities
         self.dmil = DmilModel(config, towers)
@@ -1348,7 +1384,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         # path (an MLP, not a linear head on a bottleneck), so that the fusion does not look synergistic merely by
         # being the stronger classifier. They read detached embeddings: they learn from the towers, never shape them.
         self.modality_heads = _grouped_mlp(num, config.hidden_size, config.hidden_size, config.num_labels)
-        self.label_prior = DmilLabelPrior(config.num_labels)
+        self.label_prior = DmilLabelPrior(config.num_labels,
+                                          multi_label=problem_type(config) == "multi_label_classification")
         self.post_init()
 
     # --- the staged schedule -------------------------------------------------------------------------------
@@ -1424,18 +1461,40 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             if labels.dim() not in (1, 2) or not labels.is_floating_point():
                 raise ValueError(f"regression labels must be a float tensor (batch,) ; got {labels.dtype} {tuple(labels.shape)}.")
             return
+        if problem_type(self.config) == "multi_label_classification":
+            self._check_multi_hot_labels(labels)
+            return
         if labels.dim() != 1 or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} {tuple(labels.shape)}.")
+            hint = (" For multi-hot labels (batch, num_labels) set problem_type='multi_label_classification'."
+                    if labels.dim() == 2 and labels.shape[1] == self.num_labels else "")
+            raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} "
+                             f"{tuple(labels.shape)}.{hint}")
         if labels.numel() and value_checks_enabled(self.config, labels):
             low, high = torch.stack([labels.amin(), labels.amax()]).tolist()
             if low < 0 or high >= self.num_labels:
                 raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {low} to {high}.")
 
+    def _check_multi_hot_labels(self, labels):
+        shape = f"(batch, {self.num_labels})"
+        if labels.dim() != 2 or labels.shape[1] != self.num_labels:
+            raise ValueError(f"labels must be a multi-hot tensor of shape {shape} for problem_type="
+                             f"'multi_label_classification' (one 0/1 entry per label); got {labels.dtype} "
+                             f"{tuple(labels.shape)}.")
+        if labels.numel() and value_checks_enabled(self.config, labels):
+            low, high = torch.stack([labels.amin(), labels.amax()]).float().tolist()
+            if not 0 <= low <= high <= 1:
+                raise ValueError(f"multi-hot labels must lie in [0, 1]; got values from {low} to {high}.")
+
     def _task_loss(self, logits, labels):
-        """Per-sample task loss: cross-entropy, or squared error for regression. `logits` `(..., batch, num_labels)`
-        (e.g. one row of logits per head), `labels` `(batch,)` -> `(..., batch)`."""
-        if problem_type(self.config) == "regression":
+        """Per-sample task loss: cross-entropy, the mean over labels of the binary cross-entropy for multi-label, or
+        squared error for regression. `logits` `(..., batch, num_labels)` (e.g. one row of logits per head), `labels`
+        `(batch,)` (multi-label: `(batch, num_labels)`) -> `(..., batch)`."""
+        kind = problem_type(self.config)
+        if kind == "regression":
             return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
+        if kind == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).expand_as(logits),
+                                                      reduction="none").mean(-1)
         if logits.dim() == 2:
             return F.cross_entropy(logits, labels, reduction="none")
         rows = logits.shape[:-1]
@@ -1451,7 +1510,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             modality_corruption (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, *optional*, training
                 only): each modality's corruption level, from `dmil_hf.data.add_training_corruption` (see
                 [`DmilModel.forward`]).
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression;
+                multi-hot `(batch_size, num_labels)` for `problem_type="multi_label_classification"`).
             return_dict (`bool`, *optional*): return a [`DmilClassifierOutput`] (default: `config.return_dict`) or a
                 tuple of its fields that are not None (`loss` first when labels are given, then `logits`).
             output_hidden_states / output_attentions (`bool`, *optional*): also return each tower's output with its
@@ -1510,7 +1570,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         else:
             logits = gated
         # A single output (regression, or num_labels=1) has no class distribution to split: the readout is the gate.
-        regression = config.problem_type == "regression" or config.num_labels == 1
+        # Multi-label splits the information about the predicted label set (see `pointwise_interaction_weights`).
+        multi_label = problem_type(config) == "multi_label_classification"
+        regression = not multi_label and (config.problem_type == "regression" or config.num_labels == 1)
         if labels is not None and self.training and not regression:
             self.label_prior.update(labels)
         modality_first = self.modality_heads(out.modality_embeds.detach().transpose(0, 1))
@@ -1523,7 +1585,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 available = component_mask if out.modality_reliability is None else (
                     reliable_components * component_mask)
                 readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
-                                                        available)
+                                                        available, multi_label=multi_label)
 
         terms = dict(out.loss_terms)
         loss = None

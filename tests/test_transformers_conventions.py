@@ -294,13 +294,6 @@ def test_config_json_round_trip(tmp_path):
     assert DmilConfig.from_json_file(tmp_path / "config.json").modalities == ("text", "alpha")
 
 
-def test_multi_label_is_refused_by_design():
-    config = ModelTester(("alpha", "beta")).config(problem_type="multi_label_classification")
-    for method in METHODS:
-        with pytest.raises(ValueError, match="multi_label_classification' is not supported"):
-            build_model(method, config)
-
-
 # --- export and compile ----------------------------------------------------------------------------------------
 
 
