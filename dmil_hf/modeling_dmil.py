@@ -245,9 +245,9 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
         sign = torch.where(fused > 0, 1.0, -1.0)  # (B, C)
         fused_log_p = F.logsigmoid(fused * sign).sum(-1, keepdim=True)  # (B, 1)
         unimodal_log_p = F.logsigmoid(modality_logits.float() * sign.unsqueeze(1)).sum(-1)  # (B, M)
-        present = fused.new_full((fused.shape[-1],), -math.log(2.0)) if log_prior is None else log_prior.float()
-        present = present.to(fused.device)
-        prior = torch.where(sign > 0, present, torch.log1p(-present.exp())).sum(-1, keepdim=True)  # (B, 1)
+        log_present = fused.new_full((fused.shape[-1],), -math.log(2.0)) if log_prior is None else log_prior.float()
+        log_present = log_present.to(fused.device)
+        prior = torch.where(sign > 0, log_present, torch.log1p(-log_present.exp())).sum(-1, keepdim=True)  # (B, 1)
     else:
         unimodal = modality_logits.float().log_softmax(-1)
         fused = fused.log_softmax(-1)

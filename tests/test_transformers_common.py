@@ -16,8 +16,10 @@ apply to DMIL are skipped with their reason (`_NOT_APPLICABLE`), and two run wit
 import functools
 import importlib
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 import types
 import unittest
 import unittest.mock
@@ -43,17 +45,22 @@ def _sdist_path() -> Path:
 
 
 def _extract(sdist: Path) -> Path:
-    """The sdist's `tests/*.py`, extracted once next to it (a folder per version)."""
+    """The sdist's `tests/*.py`, extracted once next to it (a folder per version; renamed into place when complete)."""
     target = sdist.parent / f"{SDIST_NAME}-tests"
-    if not (target / "test_modeling_common.py").is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(sdist) as archive:
-            for member in archive.getmembers():
-                parts = Path(member.name).parts
-                if len(parts) == 3 and parts[1] == "tests" and member.isfile() and parts[2].endswith(".py"):
-                    (target / parts[2]).write_bytes(archive.extractfile(member).read())
-        # test_configuration_common imports transformers through `tests/__init__.py`, which the sdist leaves out.
-        (target / "__init__.py").touch()
+    if target.is_dir():
+        return target
+    partial = Path(tempfile.mkdtemp(dir=sdist.parent, prefix=f"{SDIST_NAME}-tests."))
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) == 3 and parts[1] == "tests" and member.isfile() and parts[2].endswith(".py"):
+                (partial / parts[2]).write_bytes(archive.extractfile(member).read())
+    # test_configuration_common imports transformers through `tests/__init__.py`, which the sdist leaves out.
+    (partial / "__init__.py").touch()
+    try:
+        partial.rename(target)
+    except OSError:  # another process got there first
+        shutil.rmtree(partial)
     return target
 
 
