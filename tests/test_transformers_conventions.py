@@ -319,6 +319,22 @@ def test_torch_export_reproduces_eager_outputs(method, modalities):
         torch.testing.assert_close(got[field], expected[field], rtol=1e-5, atol=1e-5)
 
 
+def test_torch_export_with_a_dynamic_batch_size():
+    """One exported program serves any batch size (`torch.export.Dim` on every input's first axis)."""
+    tester = ModelTester(("text", "vision", "alpha"))
+    model = _build("dmil", tester).eval()
+    inputs = tester.inputs()
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (), inputs, dynamic_shapes={name: {0: batch} for name in inputs})
+    for size in (3, 7):
+        other = tester.inputs(batch_size=size)
+        with torch.no_grad():
+            expected = model(**other)
+        got = exported.module()(**other)
+        torch.testing.assert_close(got["logits"], expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["interaction_weights"], expected.interaction_weights, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph_training_matches_eager():
     """A few SGD steps of `torch.compile(model, fullgraph=True)` give the losses of eager training. Randomness is
     taken out (dropout and modality dropout 0, the Gaussian bottlenecks in eval mode, so they return their means)
