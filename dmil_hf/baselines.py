@@ -80,13 +80,11 @@ class _DmilBaselineModel(DmilPreTrainedModel):
 
     # The same checks and loss as DMIL, so every method is trained on exactly the same objective per head.
     _check_labels = DmilForMultimodalClassification._check_labels
+    _check_multi_hot_labels = DmilForMultimodalClassification._check_multi_hot_labels
     _task_loss = DmilForMultimodalClassification._task_loss
 
     def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
-        if config.problem_type == "multi_label_classification":
-            raise ValueError(
-                "problem_type 'multi_label_classification' is not supported; use single-label or regression.")
         self.num_labels = config.num_labels
         # Top-level `encoders` (no `dmil` attribute): `model.base_model` is the model itself, so
         # `model.base_model.encoders` reaches the towers as it does for DMIL. `towers`: already built towers by
@@ -98,11 +96,11 @@ class _DmilBaselineModel(DmilPreTrainedModel):
         options = self._output_options(return_dict, output_hidden_states, output_attentions)
         if labels is not None:
             self._check_labels(labels, inputs)
-        embeds, mask, hidden_states, attentions = self.encoders.encode(inputs, modality_mask, *options[1:])
+        embeds, mask, tower_outputs = self.encoders.encode(inputs, modality_mask, *options[1:])
         if self.training and self.config.modality_dropout_probability > 0:  # the practitioner's modality dropout
             mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
-        return options[0], embeds, mask, {"hidden_states": hidden_states, "attentions": attentions}
+        return options[0], embeds, mask, {f"{m}_model_output": out for m, out in tower_outputs.items()}
 
     @staticmethod
     def _finish(output: DmilClassifierOutput, return_dict: bool):
@@ -112,8 +110,9 @@ class _DmilBaselineModel(DmilPreTrainedModel):
 class DmilJointForMultimodalClassification(_DmilBaselineModel):
     r"""
     Late fusion: the pooled modality embeddings (absent modalities zeroed) are concatenated and classified by one
-    MLP (`num_modalities · hidden_size → hidden_size → num_labels`), trained end to end with cross-entropy (squared
-    error for `problem_type="regression"`).
+    MLP (`num_modalities · hidden_size → hidden_size → num_labels`), trained end to end with DMIL's task loss
+    (cross-entropy; binary cross-entropy per label for `problem_type="multi_label_classification"`, squared error
+    for `"regression"`).
 
     Example:
     ```python
@@ -138,7 +137,8 @@ class DmilJointForMultimodalClassification(_DmilBaselineModel):
                 output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression;
+                multi-hot `(batch_size, num_labels)` for multi-label).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
             modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
@@ -162,8 +162,9 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
     the unimodal models exactly as if separately: the gradient of each one's parameters comes from its own loss only.
 
     Prediction: the mean of the present modalities' softmax probabilities; `logits` is the log of that mean, so
-    `logits.argmax(-1)` and `logits.softmax(-1)` give the ensemble's class and probabilities (regression: the mean of
-    the present modalities' predictions).
+    `logits.argmax(-1)` and `logits.softmax(-1)` give the ensemble's class and probabilities (multi-label: the mean of
+    each label's sigmoid probabilities, `logits` their logit, so `logits.sigmoid()` is that mean; regression: the
+    mean of the present modalities' predictions).
 
     Gradient clipping by the global norm would couple the unimodal models (one model's large gradient would shrink
     the others' steps): its entry in `dmil_hf.methods` turns Trainer's clipping off (`max_grad_norm=0`).
@@ -182,7 +183,8 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
                 output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression;
+                multi-hot `(batch_size, num_labels)` for multi-label).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
             modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].
@@ -194,8 +196,15 @@ class DmilEnsembleForMultimodalClassification(_DmilBaselineModel):
         unimodal_logits = torch.stack([self.unimodal_heads[m](embeds[:, i]) for i, m in enumerate(modalities)], 1)
         present = mask.unsqueeze(-1)
         count = mask.sum(1, keepdim=True).to(unimodal_logits.dtype)
-        if problem_type(self.config) == "regression":
+        kind = problem_type(self.config)
+        if kind == "regression":
             logits = (unimodal_logits * present.to(unimodal_logits.dtype)).sum(1) / count
+        elif kind == "multi_label_classification":
+            # logit(mean_m sigmoid_m) = log(mean_m σ(l_m)) − log(mean_m σ(−l_m)), stably over the present modalities.
+            def log_mean(log_probs):
+                return log_probs.masked_fill(~present, float("-inf")).logsumexp(1) - count.log()
+
+            logits = log_mean(F.logsigmoid(unimodal_logits)) - log_mean(F.logsigmoid(-unimodal_logits))
         else:
             # log(mean_m softmax_m) computed stably over the present modalities only.
             log_probs = unimodal_logits.log_softmax(-1).masked_fill(~present, float("-inf"))
@@ -252,8 +261,9 @@ class DmilI2moeForMultimodalClassification(_DmilBaselineModel):
                 output_hidden_states=None, output_attentions=None, **inputs) -> DmilClassifierOutput | tuple:
         r"""
         Args:
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression);
-                with labels the interaction losses are computed (in eval mode too, so `loss` has a small random part).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression;
+                multi-hot `(batch_size, num_labels)` for multi-label); with labels the interaction losses are
+                computed (in eval mode too, so `loss` has a small random part).
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample presence.
             modality_corruption: accepted for a shared data path (training corruption levels); unused.
             return_dict, output_hidden_states, output_attentions: as for [`DmilForMultimodalClassification`].

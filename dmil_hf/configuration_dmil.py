@@ -143,7 +143,8 @@ class DmilConfig(PretrainedConfig):
             `pixel_values`, or `input_values`/`input_features` respectively). Omit a modality to leave it out.
         feature_modalities (`dict[str, int]`, *optional*):
             Precomputed feature-vector modalities, name -> input width (e.g. `{"acoustic": 74}`).
-        num_labels (`int`): number of classes (1 with `problem_type="regression"`).
+        num_labels (`int`): number of classes (1 with `problem_type="regression"`; the number of labels with
+            `problem_type="multi_label_classification"`, whose labels are multi-hot `(batch, num_labels)`).
         hidden_size (`int`, defaults to 64): width every tower is projected to.
         latent_size (`int`, defaults to 32): width of every latent (task-relevant/-irrelevant, R, U, S).
         feature_hidden_size (`int`, defaults to 128): hidden width of the built-in feature towers.

@@ -53,18 +53,30 @@ def value_checks_enabled(config, *tensors) -> bool:
 
 
 def problem_type(config) -> str:
-    """`config.problem_type`, or what transformers infers without one: regression for `num_labels == 1`, else
-    single-label classification (DMIL refuses multi-label)."""
+    """`config.problem_type`, or what transformers infers without one (from the config alone): regression for
+    `num_labels == 1`, else single-label classification. Multi-label classification must be set explicitly."""
     if config.problem_type is not None:
         return config.problem_type
     return "regression" if config.num_labels == 1 else "single_label_classification"
 
 
+# The output field holding each transformers tower's own output, as CLIP's `text_model_output` / `vision_model_output`.
+TOWER_OUTPUTS = tuple(f"{m}_model_output" for m in TOWER_MODALITIES)
+
+
+class _DmilOutput(ModelOutput):
+    """As CLIP's outputs: in the tuple form, each tower's output (a `ModelOutput` itself) is a tuple too."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[k].to_tuple() if k in TOWER_OUTPUTS else self[k] for k in self.keys())
+
+
 @dataclass
-class DmilModelOutput(ModelOutput):
+class DmilModelOutput(_DmilOutput):
     """
     Output of [`DmilModel`]: the decomposed representation of every sample. As a tuple (`return_dict=False`) the
-    fields that are not None come in this order, the component embeddings first.
+    fields that are not None come in this order, the component embeddings first (each `<modality>_model_output` as a
+    tuple of its own).
 
     Args:
         component_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, latent_size)`):
@@ -82,12 +94,13 @@ class DmilModelOutput(ModelOutput):
             order (0, 1), (0, 2), ..., (1, 2), ... of `config.modalities`.
         synergy_pair_mask (`torch.BoolTensor` of shape `(batch_size, num_pairs)`, with `synergy_structure="pairs"`):
             which pairs have both modalities present.
-        hidden_states (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_hidden_states=True`): each
-            transformers tower's hidden states (embeddings, then one per layer), by modality. Feature-vector towers
-            have none and are absent from the dict.
-        attentions (`dict[str, tuple[torch.FloatTensor]]`, returned with `output_attentions=True`): each tower's
-            attention weights, by modality. A tower returns them only with `attn_implementation="eager"` (SDPA
-            computes none; transformers then warns and the tuple is empty).
+        text_model_output / vision_model_output / audio_model_output (`ModelOutput`, returned with
+            `output_hidden_states` or `output_attentions`): that transformers tower's own output (`last_hidden_state`,
+            its `hidden_states`: the embeddings, then one per layer, and its `attentions`), as CLIP returns its
+            towers'. Absent for a modality the model lacks, was not given, or got as `<modality>_tower_embeds`;
+            feature-vector towers have none. `output_hidden_states` may list layer indices (e.g. `[0, -1]`) for the
+            towers that can capture a subset; attentions come only with `attn_implementation="eager"` (SDPA computes
+            none).
         loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
     """
@@ -101,26 +114,31 @@ class DmilModelOutput(ModelOutput):
     task_irrelevant_embeds: torch.FloatTensor | None = None
     synergy_pair_embeds: torch.FloatTensor | None = None
     synergy_pair_mask: torch.BoolTensor | None = None
-    hidden_states: dict | None = None
-    attentions: dict | None = None
+    text_model_output: ModelOutput | None = None
+    vision_model_output: ModelOutput | None = None
+    audio_model_output: ModelOutput | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
 
 
 @dataclass
-class DmilClassifierOutput(ModelOutput):
+class DmilClassifierOutput(_DmilOutput):
     """
     Output of [`DmilForMultimodalClassification`] (and of the baselines, which leave the fields they do not compute
-    None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given).
+    None). As a tuple (`return_dict=False`): the fields that are not None, in this order (`loss` first when given;
+    each `<modality>_model_output` as a tuple of its own).
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage.
+        loss (`torch.FloatTensor` of shape `()`, returned with `labels`): the loss of the current training stage
+            (every head's task loss: cross-entropy; per-label binary cross-entropy for multi-label; squared error for
+            regression).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): gated prediction (stage 1: the mean of
             the unimodal heads).
         interaction_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the per-sample
             interaction readout over `component_names` (each row sums to one): the pointwise split of the model's own
             prediction into redundancy, uniqueness and synergy (see [`pointwise_interaction_weights`]); needs no label.
-            For regression, the gate weights.
+            Multi-label: the split of the predicted label set (every label's decision at once). Regression: the gate
+            weights.
         gate_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the gate's softmax weights
             that mix `component_logits` into `logits`; each row sums to one. They serve accuracy, not reading.
         component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).
@@ -134,8 +152,8 @@ class DmilClassifierOutput(ModelOutput):
         modality_reliability (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, DMIL only): the per-sample
             reliability of each modality in [0, 1], computed without labels (see [`DmilReliability`]); a modality near
             0 is handled like a missing one.
-        hidden_states / attentions (`dict[str, tuple[torch.FloatTensor]]`, *optional*): the towers', by modality,
-            as in [`DmilModelOutput`].
+        text_model_output / vision_model_output / audio_model_output (`ModelOutput`, *optional*): the towers' own
+            outputs, as in [`DmilModelOutput`].
         loss_terms (`dict[str, torch.FloatTensor]`): every loss term by name, unweighted.
         component_names (`tuple[str]`).
     """
@@ -151,8 +169,9 @@ class DmilClassifierOutput(ModelOutput):
     modality_embeds: torch.FloatTensor | None = None
     modality_mask: torch.BoolTensor | None = None
     modality_reliability: torch.FloatTensor | None = None
-    hidden_states: dict | None = None
-    attentions: dict | None = None
+    text_model_output: ModelOutput | None = None
+    vision_model_output: ModelOutput | None = None
+    audio_model_output: ModelOutput | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
 
@@ -192,7 +211,8 @@ def component_reliability(modality_reliability):
     return torch.cat([1.0 - none, modality_reliability, (1.0 - none - exactly_one).clamp(min=0.0)], 1)
 
 
-def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None):
+def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_prior=None, component_mask=None,
+                                  multi_label: bool = False):
     r"""
     The per-sample interaction readout: how the information about the model's own prediction splits into
     redundancy, uniqueness and synergy, as weights over `("redundancy", "unique_<m>"..., "synergy")`.
@@ -209,25 +229,43 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
     heard) would otherwise turn every redundant sample into a unique one (on `digits` validation the share of samples
     whose largest weight names the true type went from 67.5-77.7% to 75.7-81.8% over two trained models).
 
+    Multi-label (`multi_label=True`): \(\hat y\) is the predicted label set, the vector of every label's own
+    decision (logit > 0), and the labels are read as independent Bernoullis, so \(\log p(\hat y \mid x_m) =
+    \sum_k \log p(\hat y_k \mid x_m)\) (sigmoids of the logits), and likewise for the fused prediction and the prior:
+    the split is of the information about the whole predicted set, the labels predicted absent included.
+
     Args:
         modality_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities, num_labels)`): p(y | x_m) from
             each modality alone.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the fused prediction.
         modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`): absent modalities carry nothing.
-        log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted.
+        log_prior (`torch.FloatTensor` of shape `(num_labels,)`, *optional*): log p(y); uniform when omitted
+            (multi-label: log p(label k present), 1/2 when omitted).
         component_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities + 2)`, *optional*): components that
             exist for each sample; the others get weight 0 (a float tensor in [0, 1] scales them: how available each
             component is, e.g. from the modalities' reliabilities).
+        multi_label (`bool`, defaults to `False`): the logits are independent per-label logits (see above).
     """
-    unimodal = modality_logits.float().log_softmax(-1)
-    fused = logits.float().log_softmax(-1)
-    predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
-    if log_prior is None:
-        log_prior = fused.new_full((fused.shape[-1],), -math.log(fused.shape[-1]))
-    prior = log_prior.float().to(fused.device)[predicted]  # (B, 1)
-    index = predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)
-    information = (unimodal.gather(-1, index).squeeze(-1) - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
-    joint = (fused.gather(-1, predicted) - prior).clamp(min=0.0)  # (B, 1)
+    fused = logits.float()
+    if multi_label:
+        # The log-probability of the predicted set: Σ_k log σ(±logit_k), + where label k is predicted present.
+        sign = torch.where(fused > 0, 1.0, -1.0)  # (B, C)
+        fused_log_p = F.logsigmoid(fused * sign).sum(-1, keepdim=True)  # (B, 1)
+        unimodal_log_p = F.logsigmoid(modality_logits.float() * sign.unsqueeze(1)).sum(-1)  # (B, M)
+        log_present = fused.new_full((fused.shape[-1],), -math.log(2.0)) if log_prior is None else log_prior.float()
+        log_present = log_present.to(fused.device)
+        prior = torch.where(sign > 0, log_present, torch.log1p(-log_present.exp())).sum(-1, keepdim=True)  # (B, 1)
+    else:
+        unimodal = modality_logits.float().log_softmax(-1)
+        fused = fused.log_softmax(-1)
+        predicted = fused.argmax(-1, keepdim=True)  # (B, 1)
+        if log_prior is None:
+            log_prior = fused.new_full((fused.shape[-1],), -math.log(fused.shape[-1]))
+        prior = log_prior.float().to(fused.device)[predicted]  # (B, 1)
+        fused_log_p = fused.gather(-1, predicted)
+        unimodal_log_p = unimodal.gather(-1, predicted.unsqueeze(1).expand(-1, unimodal.shape[1], 1)).squeeze(-1)
+    information = (unimodal_log_p - prior).clamp(min=0.0) * modality_mask.to(fused.dtype)
+    joint = (fused_log_p - prior).clamp(min=0.0)  # (B, 1)
     # Absent modalities carry 0, so with fewer than two present the second largest is 0: no redundancy.
     ranked = information.sort(1, descending=True).values
     redundancy = ranked[:, 1:2] if ranked.shape[1] > 1 else torch.zeros_like(joint)
@@ -242,19 +280,31 @@ def pointwise_interaction_weights(modality_logits, logits, modality_mask, log_pr
 
 
 class DmilLabelPrior(nn.Module):
-    """Counts of the training labels seen (a buffer saved with the model): p(y) for the interaction readout."""
+    """Counts of the training labels seen (buffers saved with the model): p(y) for the interaction readout. Multi-label
+    (`multi_label=True`): how often each label was present, and in `samples` how many samples were seen, for
+    p(label k present)."""
 
-    def __init__(self, num_labels: int):
+    def __init__(self, num_labels: int, multi_label: bool = False):
         super().__init__()
         self.register_buffer("counts", torch.zeros(num_labels))
+        if multi_label:
+            self.register_buffer("samples", torch.zeros(()))
 
     def update(self, labels):
+        if hasattr(self, "samples"):  # multi-hot (batch, num_labels)
+            labels = labels.detach().to(self.counts)
+            self.counts.add_(labels.sum(0))
+            self.samples.add_(labels.shape[0])
+            return
         # index_add_ keeps a static shape (bincount's output size depends on the values: no torch.compile/export).
         labels = labels.view(-1).to(self.counts.device)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
 
     def log_prior(self):
-        # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform.
+        # Laplace smoothing: before any training (or for an unseen class) the prior stays close to uniform (1/2 for
+        # each label of a multi-label model).
+        if hasattr(self, "samples"):
+            return ((self.counts + 1.0) / (self.samples + 2.0)).log()
         counts = self.counts + 1.0
         return (counts / counts.sum()).log()
 
@@ -518,7 +568,7 @@ class DmilEncoders(nn.Module):
 
     Instead of a tower's inputs, `<modality>_tower_embeds` `(batch, tower width)` may carry that tower's pooled output
     computed beforehand (what [`DmilEncoders.pooled_output`] returns): the tower is then skipped and only its
-    projection runs (so that modality has no `hidden_states` / `attentions` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
+    projection runs (so that modality has no `<modality>_model_output` in the outputs). The towers named by `config.freeze_towers` are frozen: always in eval mode, `requires_grad`
     off, and run without building a graph.
 
     `towers` (modality -> module, optional) are already-built towers to use instead of random ones (as
@@ -667,7 +717,9 @@ class DmilEncoders(nn.Module):
                     raise ValueError(f"Input {modality}_{name} is a scalar; expected a batch-first tensor.")
                 batch_sizes[f"{modality}_{name}"] = tensor.shape[0]
             self._check_companion_shapes(modality, main, kwargs)
-        if len(set(batch_sizes.values())) > 1:
+        # Compared eagerly only: under torch.export with dynamic shapes the sizes are symbols, which a set cannot hold.
+        first = next(iter(batch_sizes.values()))
+        if eager and any(size != first for size in batch_sizes.values()):
             raise ValueError(f"Inputs disagree on the batch size: {batch_sizes}.")
         return routed
 
@@ -800,7 +852,9 @@ class DmilEncoders(nn.Module):
             kwargs = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in kwargs.items()}
         flags = {}
         if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
-            flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}
+            # A list of layer indices passes through: transformers towers capture just those layers.
+            flags = {"output_hidden_states": output_hidden_states if isinstance(output_hidden_states, (list, tuple))
+                     else bool(output_hidden_states), "output_attentions": bool(output_attentions)}
         with torch.set_grad_enabled(torch.is_grad_enabled() and modality not in self.frozen_modalities):
             outputs = tower(**kwargs, **flags)
             pooled = self.pool(outputs, kwargs.get("attention_mask"))
@@ -808,13 +862,14 @@ class DmilEncoders(nn.Module):
 
     def forward(self, inputs: dict, modality_mask=None):
         """Returns `(embeds (B, M, hidden_size), mask (B, M) bool)`; absent modalities get zero embeddings."""
-        embeds, mask, _, _ = self.encode(inputs, modality_mask)
+        embeds, mask, _ = self.encode(inputs, modality_mask)
         return embeds, mask
 
     def encode(self, inputs: dict, modality_mask=None, output_hidden_states=False, output_attentions=False,
                return_pooled=False):
-        """As `forward`, plus the towers' hidden states and attentions by modality (None when not asked for), and with
-        `return_pooled` the pooled tower outputs before the projection (a dict over the modalities present)."""
+        """As `forward`, plus the transformers towers' own outputs by modality (with their hidden states and
+        attentions; an empty dict when neither is asked for), and with `return_pooled` the pooled tower outputs before
+        the projection (a dict over the modalities present)."""
         routed = self.route(inputs)
         self.check_values(routed)
         batch_size = next(iter(next(iter(routed.values())).values())).shape[0]
@@ -831,7 +886,7 @@ class DmilEncoders(nn.Module):
         mask = mask & modality_mask if modality_mask is not None else mask.clone()
         if modality_mask is not None and value_checks_enabled(self.config, mask) and not mask.any(1).all():
             raise ValueError("modality_mask marks every modality absent for some samples; keep at least one.")
-        embeds, hidden_states, attentions, pooled_outputs = [], {}, {}, {}
+        embeds, tower_outputs, pooled_outputs = [], {}, {}
         for modality in self.modalities:
             if modality not in routed:
                 embeds.append(None)
@@ -842,16 +897,12 @@ class DmilEncoders(nn.Module):
             else:
                 pooled, outputs = self.pooled_output(modality, routed[modality], output_hidden_states,
                                                      output_attentions)
-                if output_hidden_states and self._accepts_output_flags(modality):
-                    hidden_states[modality] = getattr(outputs, "hidden_states", None) or ()
-                if output_attentions and self._accepts_output_flags(modality):
-                    attentions[modality] = getattr(outputs, "attentions", None) or ()
+                if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
+                    tower_outputs[modality] = outputs
             embeds.append(self.dropout(projection(pooled)))
             pooled_outputs[modality] = pooled
         embeds = _stack_modalities(embeds, mask)
-        out = (embeds, mask, hidden_states if output_hidden_states else None,
-               attentions if output_attentions else None)
-        return out + (pooled_outputs,) if return_pooled else out
+        return (embeds, mask, tower_outputs, pooled_outputs) if return_pooled else (embeds, mask, tower_outputs)
 
 
 class DmilPreTrainedModel(PreTrainedModel):
@@ -888,7 +939,8 @@ class DmilPreTrainedModel(PreTrainedModel):
         Give this instance a `forward` whose signature lists its modality inputs. The class's `forward` takes them as
         `**inputs`, which shows `transformers.Trainer` no column name: with `remove_unused_columns=True` (the default)
         it would drop every modality column. Trainer reads `inspect.signature(model.forward)`, so the instance gets a
-        thin wrapper (keyword arguments only) that carries a signature built from `config.modalities`.
+        thin wrapper that carries a signature built from `config.modalities`. It takes keyword arguments, and as
+        transformers models do (`model(input_ids)`), one positional argument: the main input, `main_input_name`.
         """
         names = self.forward_input_names()
         if not names:
@@ -896,18 +948,21 @@ class DmilPreTrainedModel(PreTrainedModel):
         class_forward = type(self).forward
 
         def forward(self, *args, **kwargs):
-            if args:
+            if len(args) > 1 or (args and names[0] in kwargs):
                 raise TypeError(
-                    f"{type(self).__name__}.forward takes keyword arguments only (e.g. {names[0]}=...); got "
-                    f"{len(args)} positional argument(s)."
+                    f"{type(self).__name__}.forward takes keyword arguments, and at most one positional argument, the "
+                    f"main input {names[0]}; got {len(args)} positional argument(s)"
+                    + (f" and {names[0]}= as well." if names[0] in kwargs else ".")
                 )
+            if args:
+                kwargs[names[0]] = args[0]
             return class_forward(self, **kwargs)
 
         functools.update_wrapper(forward, class_forward)
-        keyword = inspect.Parameter.KEYWORD_ONLY
+        either, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
         forward.__signature__ = inspect.Signature(
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            + [inspect.Parameter(name, keyword, default=None) for name in names])
+            [inspect.Parameter("self", either), inspect.Parameter(names[0], either, default=None)]
+            + [inspect.Parameter(name, keyword, default=None) for name in names[1:]])
         object.__setattr__(self, "forward", types.MethodType(forward, self))
         self.main_input_name = names[0]
 
@@ -969,6 +1024,8 @@ class DmilPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, DmilLabelPrior):
             nn.init.zeros_(module.counts)
+            if hasattr(module, "samples"):
+                nn.init.zeros_(module.samples)
         elif isinstance(module, DmilReliability):
             nn.init.zeros_(module.calibrated)
 
@@ -1091,7 +1148,8 @@ class DmilModel(DmilPreTrainedModel):
                 losses skip corrupted modalities.
             return_dict (`bool`, *optional*): return a [`DmilModelOutput`] (default: `config.return_dict`) or a tuple.
             output_hidden_states / output_attentions (`bool`, *optional*): also return each transformers tower's
-                hidden states / attention weights, by modality (default: the config's flags).
+                output with its hidden states / attention weights, as `<modality>_model_output` (default: the
+                config's flags); `output_hidden_states` may be a list of layer indices.
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
                 `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
                 `inspect.signature(model.forward)` lists them all (see `forward_input_names`).
@@ -1100,7 +1158,7 @@ class DmilModel(DmilPreTrainedModel):
             return_dict, output_hidden_states, output_attentions)
         # Stage 2 trains level 2 only: skip building a graph through the frozen towers.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.training_stage != 2):
-            embeds, mask, hidden_states, attentions, pooled = self.encoders.encode(
+            embeds, mask, tower_outputs, pooled = self.encoders.encode(
                 inputs, modality_mask, output_hidden_states, output_attentions, return_pooled=True)
         corruption = self._check_corruption(modality_corruption, mask)
         if self.training and self.config.training_stage != 1 and self.config.modality_dropout_probability > 0:
@@ -1117,8 +1175,8 @@ class DmilModel(DmilPreTrainedModel):
                           else None)
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
-        if hidden_states is not None or attentions is not None:  # rebuilt so the fields keep their tuple positions
-            out = DmilModelOutput(**dict(out.items()), hidden_states=hidden_states, attentions=attentions)
+        if tower_outputs:  # rebuilt so the fields keep their tuple positions
+            out = DmilModelOutput(**dict(out.items()), **{f"{m}_model_output": o for m, o in tower_outputs.items()})
         return out if return_dict else out.to_tuple()
 
     def _check_corruption(self, corruption, mask):
@@ -1379,8 +1437,6 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
 
     def __init__(self, config: DmilConfig, towers: dict[str, nn.Module] | None = None):
         super().__init__(config)
-        if config.problem_type == "multi_label_classification":
-            raise ValueError("problem_type 'multi_label_classification' is not supported; use single-label or regression.")
         self.num_labels = config.num_labels
         latent, modalities = config.latent_size, config.modalities
         self.dmil = DmilModel(config, towers)
@@ -1395,7 +1451,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         # path (an MLP, not a linear head on a bottleneck), so that the fusion does not look synergistic merely by
         # being the stronger classifier. They read detached embeddings: they learn from the towers, never shape them.
         self.modality_heads = _grouped_mlp(num, config.hidden_size, config.hidden_size, config.num_labels)
-        self.label_prior = DmilLabelPrior(config.num_labels)
+        self.label_prior = DmilLabelPrior(config.num_labels,
+                                          multi_label=problem_type(config) == "multi_label_classification")
         self.post_init()
 
     # --- the staged schedule -------------------------------------------------------------------------------
@@ -1471,18 +1528,40 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             if labels.dim() not in (1, 2) or not labels.is_floating_point():
                 raise ValueError(f"regression labels must be a float tensor (batch,) ; got {labels.dtype} {tuple(labels.shape)}.")
             return
+        if problem_type(self.config) == "multi_label_classification":
+            self._check_multi_hot_labels(labels)
+            return
         if labels.dim() != 1 or labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} {tuple(labels.shape)}.")
+            hint = (" For multi-hot labels (batch, num_labels) set problem_type='multi_label_classification'."
+                    if labels.dim() == 2 and labels.shape[1] == self.num_labels else "")
+            raise ValueError(f"labels must be an integer tensor of shape (batch,); got {labels.dtype} "
+                             f"{tuple(labels.shape)}.{hint}")
         if labels.numel() and value_checks_enabled(self.config, labels):
             low, high = torch.stack([labels.amin(), labels.amax()]).tolist()
             if low < 0 or high >= self.num_labels:
                 raise ValueError(f"labels must lie in [0, {self.num_labels}); got values from {low} to {high}.")
 
+    def _check_multi_hot_labels(self, labels):
+        shape = f"(batch, {self.num_labels})"
+        if labels.dim() != 2 or labels.shape[1] != self.num_labels:
+            raise ValueError(f"labels must be a multi-hot tensor of shape {shape} for problem_type="
+                             f"'multi_label_classification' (one 0/1 entry per label); got {labels.dtype} "
+                             f"{tuple(labels.shape)}.")
+        if labels.numel() and value_checks_enabled(self.config, labels):
+            low, high = torch.stack([labels.amin(), labels.amax()]).float().tolist()
+            if not 0 <= low <= high <= 1:
+                raise ValueError(f"multi-hot labels must lie in [0, 1]; got values from {low} to {high}.")
+
     def _task_loss(self, logits, labels):
-        """Per-sample task loss: cross-entropy, or squared error for regression. `logits` `(..., batch, num_labels)`
-        (e.g. one row of logits per head), `labels` `(batch,)` -> `(..., batch)`."""
-        if problem_type(self.config) == "regression":
+        """Per-sample task loss: cross-entropy, the mean over labels of the binary cross-entropy for multi-label, or
+        squared error for regression. `logits` `(..., batch, num_labels)` (e.g. one row of logits per head), `labels`
+        `(batch,)` (multi-label: `(batch, num_labels)`) -> `(..., batch)`."""
+        kind = problem_type(self.config)
+        if kind == "regression":
             return (logits.squeeze(-1) - labels.view(-1).to(logits.dtype)).pow(2)
+        if kind == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).expand_as(logits),
+                                                      reduction="none").mean(-1)
         if logits.dim() == 2:
             return F.cross_entropy(logits, labels, reduction="none")
         rows = logits.shape[:-1]
@@ -1498,11 +1577,12 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             modality_corruption (`torch.FloatTensor` of shape `(batch_size, num_modalities)`, *optional*, training
                 only): each modality's corruption level, from `dmil_hf.data.add_training_corruption` (see
                 [`DmilModel.forward`]).
-            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression).
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids (floats for regression;
+                multi-hot `(batch_size, num_labels)` for `problem_type="multi_label_classification"`).
             return_dict (`bool`, *optional*): return a [`DmilClassifierOutput`] (default: `config.return_dict`) or a
                 tuple of its fields that are not None (`loss` first when labels are given, then `logits`).
-            output_hidden_states / output_attentions (`bool`, *optional*): also return the towers' hidden states /
-                attention weights, by modality (see [`DmilModelOutput`]).
+            output_hidden_states / output_attentions (`bool`, *optional*): also return each tower's output with its
+                hidden states / attention weights, as `<modality>_model_output` (see [`DmilModelOutput`]).
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
                 `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
                 `inspect.signature(model.forward)` lists them all, so `transformers.Trainer` keeps those columns.
@@ -1514,8 +1594,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         out = self.dmil(modality_mask=modality_mask, modality_corruption=modality_corruption, return_dict=True,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions, **inputs)
         result = self.classify(out, labels, modality_corruption)
-        if out.hidden_states is not None or out.attentions is not None:
-            result = type(result)(**dict(result.items()), hidden_states=out.hidden_states, attentions=out.attentions)
+        towers = {key: out[key] for key in TOWER_OUTPUTS if key in out}
+        if towers:  # rebuilt so the fields keep their tuple positions
+            result = type(result)(**dict(result.items()), **towers)
         return result if return_dict else result.to_tuple()
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
@@ -1556,7 +1637,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         else:
             logits = gated
         # A single output (regression, or num_labels=1) has no class distribution to split: the readout is the gate.
-        regression = config.problem_type == "regression" or config.num_labels == 1
+        # Multi-label splits the information about the predicted label set (see `pointwise_interaction_weights`).
+        multi_label = problem_type(config) == "multi_label_classification"
+        regression = not multi_label and (config.problem_type == "regression" or config.num_labels == 1)
         if labels is not None and self.training and not regression:
             self.label_prior.update(labels)
         modality_first = self.modality_heads(out.modality_embeds.detach().transpose(0, 1))
@@ -1569,7 +1652,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 available = component_mask if out.modality_reliability is None else (
                     reliable_components * component_mask)
                 readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
-                                                        available)
+                                                        available, multi_label=multi_label)
 
         terms = dict(out.loss_terms)
         loss = None

@@ -37,7 +37,9 @@ class MultimodalClassificationPipeline(Pipeline):
     Returns, per sample, `{"scores": [{"label", "score"}, ...] (highest first, `top_k` of them), "interaction_weights":
     {component: weight}, "modality_reliability": {modality: reliability}}` (the per-sample interaction readout and,
     for DMIL, how far each modality given can be trusted, in [0, 1]: near 0 it is treated as missing; only for models
-    that have them; regression models give `{"value": float, ...}`).
+    that have them; regression models give `{"value": float, ...}`). Multi-label models
+    (`problem_type="multi_label_classification"`) score each label on its own (sigmoid), and add `"labels"`: every
+    label whose score is above 0.5, highest first.
     A single dict gives a single result, a list of dicts a list. `batch_size` batches samples that have the same
     modalities.
     """
@@ -173,10 +175,14 @@ class MultimodalClassificationPipeline(Pipeline):
             if config.problem_type == "regression":
                 result = {"value": float(logits[row, 0])}
             else:
-                probabilities = logits[row].softmax(-1)
-                order = probabilities.argsort(descending=True)[: top_k or len(probabilities)]
-                result = {"scores": [{"label": config.id2label.get(int(i), str(int(i))),
-                                      "score": float(probabilities[i])} for i in order]}
+                multi_label = config.problem_type == "multi_label_classification"
+                probabilities = logits[row].sigmoid() if multi_label else logits[row].softmax(-1)
+                order = probabilities.argsort(descending=True)
+                names = [config.id2label.get(int(i), str(int(i))) for i in order]
+                result = {"scores": [{"label": name, "score": float(probabilities[i])}
+                                     for name, i in zip(names, order[: top_k or len(probabilities)])]}
+                if multi_label:
+                    result["labels"] = [name for name, i in zip(names, order) if probabilities[i] > 0.5]
             if weights is not None:
                 result["interaction_weights"] = dict(zip(config.component_names, weights[row].float().tolist()))
             reliability = model_outputs.get("modality_reliability")

@@ -55,7 +55,7 @@ def profile_head(model, batch_size: int = 32, repeats: int = 10, device: str | N
     model = model.to(device).eval()
     inputs = {k: v.to(device) for k, v in random_inputs(model.config, batch_size).items()}
     base = model.base_model
-    embeds, mask, _, _, pooled = base.encoders.encode(inputs, return_pooled=True)
+    embeds, mask, _, pooled = base.encoders.encode(inputs, return_pooled=True)
     towers = _timed(lambda: base.encoders(inputs), repeats, device)
     if hasattr(model, "classify"):
         def head_only():  # the synergy component's own projections of the pooled outputs count as head

@@ -124,6 +124,35 @@ def test_ensemble_predicts_log_of_mean_unimodal_probabilities(pair):
     torch.testing.assert_close(out.logits.softmax(-1), out.unimodal_logits.softmax(-1).mean(1))
 
 
+MULTI_HOT = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_multi_label_task_loss_is_binary_cross_entropy(method):
+    """The baselines share DMIL's label checks and task loss: multi-hot labels, BCE with logits per label."""
+    tester = ModelTester(("alpha", "beta"))
+    torch.manual_seed(0)
+    model = build_model(method, tester.config(problem_type="multi_label_classification")).eval()
+    out = model(labels=MULTI_HOT, **tester.inputs())
+    per_head = {"joint": lambda: [out.logits], "i2moe": lambda: [out.logits],
+                "ensemble": lambda: list(out.unimodal_logits.unbind(1))}[method]()
+    task = sum(torch.nn.functional.binary_cross_entropy_with_logits(logits, MULTI_HOT) for logits in per_head)
+    terms = out.loss_terms
+    torch.testing.assert_close(terms["task"] if "task" in terms else sum(terms.values()), task)
+    with pytest.raises(ValueError, match=r"multi-hot tensor of shape \(batch, 3\)"):
+        model(labels=tester.labels(), **tester.inputs())
+
+
+def test_multi_label_ensemble_predicts_the_logit_of_the_mean_label_probabilities():
+    tester = ModelTester(("text", "vision"))
+    model = build_model("ensemble", tester.config(problem_type="multi_label_classification")).eval()
+    mask = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
+    with torch.no_grad():
+        out = model(modality_mask=mask, **tester.inputs())
+    probabilities = out.unimodal_logits.sigmoid() * mask.unsqueeze(-1)
+    torch.testing.assert_close(out.logits.sigmoid(), probabilities.sum(1) / mask.sum(1, keepdim=True))
+
+
 def test_ensemble_with_a_modality_absent_uses_the_present_one_only():
     tester = ModelTester(("text", "vision"))
     model = build_model("ensemble", tester.config()).eval()

@@ -190,6 +190,21 @@ def test_synthetic_bayes_accuracy_round_trips(tmp_path):
     assert dataset_metadata(loaded["test"].select(range(5)))["bayes_accuracy"] == bayes
 
 
+def test_synthetic_multi_label_sets_follow_the_class():
+    dsd = make_synthetic(num_classes=5, num_samples=300, bayes_samples=200, multi_label=True)
+    single = make_synthetic(num_classes=5, num_samples=300, bayes_samples=200)
+    sets = np.asarray(dsd["train"]["labels"])
+    classes = np.asarray(single["train"]["labels"])
+    assert sets.shape == (len(classes), 5) and str(dsd["train"].features["labels"].feature.dtype) == "float32"
+    assert set(np.unique(sets)) == {0.0, 1.0}
+    # Class y is in the set, and for even y also (y + 1) mod 5: the same samples, the set a function of the class.
+    assert (sets[np.arange(len(classes)), classes] == 1).all()
+    assert (sets.sum(1) == np.where(classes % 2 == 0, 2, 1)).all()
+    assert (sets[classes == 4][:, 0] == 1).all()
+    np.testing.assert_array_equal(np.asarray(dsd["train"]["a_features"]), np.asarray(single["train"]["a_features"]))
+    assert dataset_metadata(dsd)["builder_kwargs"]["multi_label"] is True
+
+
 def test_synthetic_synergy_hides_the_label_from_each_modality():
     dsd = make_synthetic(num_samples=4000, mixture={"redundancy": 1, "synergy": 1}, bayes_samples=500)
     split = dsd["train"]

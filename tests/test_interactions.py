@@ -307,3 +307,15 @@ def test_compute_metrics_per_interaction_type():
     assert regression == {"mse": 2.0, "mse_a": 0.0, "mse_b": 4.0}
     with pytest.raises(ValueError, match="`interactions`"):
         compute(EvalPrediction(predictions=logits[:4], label_ids=labels[:4]))
+
+
+def test_compute_metrics_multi_label_exact_match_and_micro_f1():
+    from transformers import EvalPrediction
+
+    # Each label is predicted present where its logit is positive.
+    logits = np.array([[2.0, -1.0, 3.0], [-2.0, 1.0, -1.0], [1.0, 1.0, -1.0], [-1.0, -1.0, -1.0]])
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float32)
+    metrics = make_compute_metrics(["a", "a", "b", "b"])(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics["accuracy"] == 0.5 and metrics["accuracy_a"] == 1.0 and metrics["accuracy_b"] == 0.0
+    # 4 right of 5 predicted present, 4 of 5 truly present: F1 = 2·4 / (5 + 5).
+    assert metrics["f1_micro"] == pytest.approx(0.8)

@@ -186,6 +186,76 @@ def test_regression_problem_type():
     assert out.logits.shape == (4, 1) and out.loss.requires_grad
 
 
+def test_multi_label_loss_is_binary_cross_entropy_on_every_head():
+    """problem_type="multi_label_classification": multi-hot labels, every head's task loss the mean over labels of
+    BCE with logits (the gated prediction, the unimodal, readout and component heads alike)."""
+    tester = ModelTester(("text", "alpha"))
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config(problem_type="multi_label_classification"))
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    model(labels=labels, **tester.inputs()).loss.backward()
+    model.eval()  # no modality dropout: every head learns from every sample
+    out = model(labels=labels, **tester.inputs())
+    assert out.logits.shape == (4, 3) and torch.isfinite(out.loss)
+
+    def bce(logits):
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+    torch.testing.assert_close(out.loss_terms["task_gated"], bce(out.logits))
+    torch.testing.assert_close(out.loss_terms["task_unimodal_alpha"], bce(out.unimodal_logits[:, 1]))
+    torch.testing.assert_close(out.loss_terms["task_component_synergy"], bce(out.component_logits[:, -1]))
+    # Integer multi-hot labels are accepted as well.
+    again = model(labels=labels.long(), **tester.inputs())
+    assert torch.isfinite(again.loss)
+
+
+def test_error_multi_label_labels_of_the_wrong_shape_or_values():
+    tester = ModelTester(("alpha", "beta"))
+    model = DmilForMultimodalClassification(tester.config(problem_type="multi_label_classification"))
+    expected = (r"labels must be a multi-hot tensor of shape \(batch, 3\) for problem_type="
+                r"'multi_label_classification' \(one 0/1 entry per label\); got torch.float32 \(4, 2\)")
+    with pytest.raises(ValueError, match=expected):
+        model(labels=torch.zeros(4, 2), **tester.inputs())
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\).*got torch.int64 \(4,\)"):
+        model(labels=torch.zeros(4, dtype=torch.long), **tester.inputs())
+    with pytest.raises(ValueError, match=r"multi-hot labels must lie in \[0, 1\]; got values from 0.0 to 2.0"):
+        model(labels=torch.tensor([[0.0, 2.0, 1.0]] * 4), **tester.inputs())
+    # A single-label model given multi-hot labels says how to train multi-label.
+    single = DmilForMultimodalClassification(tester.config())
+    with pytest.raises(ValueError, match="For multi-hot labels .* set problem_type='multi_label_classification'"):
+        single(labels=torch.zeros(4, 3), **tester.inputs())
+
+
+@pytest.mark.parametrize("method", ["dmil", "joint", "i2moe"])
+def test_from_pretrained_on_a_new_label_set(method, tmp_path):
+    """Fine-tuning a trained model on another label set: `from_pretrained(path, num_labels=K,
+    ignore_mismatched_sizes=True)` starts every label-sized tensor (the heads, DMIL's label prior) anew and keeps every
+    other one; without `ignore_mismatched_sizes` it refuses."""
+    tester = ModelTester(("text", "alpha"))
+    torch.manual_seed(0)
+    model = dmil_hf.build_model(method, tester.config())
+    model.train()
+    model(labels=tester.labels(), **tester.inputs())  # DMIL's label prior counts these
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    new = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    old, fresh = model.state_dict(), new.state_dict()
+    assert set(old) == set(fresh)
+    resized = {name for name in old if old[name].shape != fresh[name].shape}
+    assert resized and all(3 in old[name].shape and 5 in fresh[name].shape for name in resized)
+    for name in set(old) - resized:
+        torch.testing.assert_close(fresh[name], old[name], rtol=0, atol=0, msg=name)
+    if method == "dmil":
+        assert {"label_prior.counts", "synergy_head.weight", "unimodal_heads.weight"} <= resized
+        assert fresh["label_prior.counts"].tolist() == [0.0] * 5
+    new.eval()
+    with torch.no_grad():
+        assert new(**tester.inputs()).logits.shape == (tester.batch_size, 5)
+    labels = torch.arange(tester.batch_size) % 5
+    assert torch.isfinite(new.train()(labels=labels, **tester.inputs()).loss)
+
+
 def test_training_stage_changes_prediction_rule():
     tester = ModelTester(("alpha", "beta"))
     model = DmilForMultimodalClassification(tester.config()).eval()

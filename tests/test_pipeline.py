@@ -140,3 +140,25 @@ def test_feature_only_model_without_processor(tmp_path):
         classifier({"alpha_features": np.ones(3)})
     with pytest.raises(ValueError, match="takes"):
         classifier({"text": "no text tower here"})
+
+
+def test_multi_label_model_scores_each_label_and_lists_those_above_one_half(tmp_path):
+    register_pipeline()
+    torch.manual_seed(0)
+    config = ModelTester(("alpha", "beta")).config(problem_type="multi_label_classification")
+    config.id2label, config.label2id = LABELS, {v: k for k, v in LABELS.items()}
+    model = DmilForMultimodalClassification(config)
+    with torch.no_grad():  # every component predicts the same logits, so the gated prediction is them: (4, -4, 1)
+        for head in (model.component_heads, model.synergy_head):
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([4.0, -4.0, 1.0]))
+    model.save_pretrained(tmp_path)
+    classifier = pipeline(TASK, model=str(tmp_path), device="cpu")
+    features = {f"{name}_features": np.ones(dim, dtype=np.float32) for name, dim in FEATURE_DIMS.items()}
+    result = classifier(features)
+    expected = torch.tensor([4.0, -4.0, 1.0]).sigmoid().tolist()
+    assert [s["label"] for s in result["scores"]] == ["cat", "bird", "dog"]
+    assert [s["score"] for s in result["scores"]] == pytest.approx([expected[0], expected[2], expected[1]])
+    assert result["labels"] == ["cat", "bird"]
+    assert classifier(features, top_k=1)["labels"] == ["cat", "bird"]  # top_k trims the scores, not the set
+    assert sum(result["interaction_weights"].values()) == pytest.approx(1.0)

@@ -111,6 +111,66 @@ def test_label_prior_counts_training_labels_only_and_is_saved(model_and_inputs, 
     torch.testing.assert_close(prior, torch.tensor([5.0, 2.0, 2.0]) / 9.0)
 
 
+# --- multi-label: the split of the predicted label set ---------------------------------------------------------------
+SET = torch.tensor([8.0, 8.0, -8.0])  # labels 0 and 1 present, 2 absent, confidently
+UNSURE = torch.zeros(3)  # every label at 1/2: nothing about the set
+
+
+def multi_label_readout(first, second, fused, log_prior=None):
+    unimodal = torch.stack([first, second]).unsqueeze(0)
+    return pointwise_interaction_weights(unimodal, fused.unsqueeze(0), torch.ones(1, 2, dtype=torch.bool), log_prior,
+                                         multi_label=True)[0]
+
+
+@pytest.mark.parametrize("first, second, expected", [
+    (SET, SET, "redundancy"),  # either modality alone predicts the whole set
+    (SET, UNSURE, "unique_a"),
+    (UNSURE, SET, "unique_b"),
+    (UNSURE, UNSURE, "synergy"),  # only the fusion does
+    (-SET, -SET, "synergy"),  # both predict the opposite set
+])
+def test_multi_label_readout_names_the_interaction_of_each_sample(first, second, expected):
+    weights = multi_label_readout(first, second, SET)
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert NAMES[int(weights.argmax())] == expected
+
+
+def test_multi_label_readout_values_sum_the_labels_and_use_the_prior():
+    # Modality a is sure of label 0 only (p = 1/2 on the others); the fusion of all three. Uniform prior: each label
+    # carries log 2 at most, so i_a = log 2 (label 0), i = 3 log 2.
+    first = torch.tensor([30.0, 0.0, 0.0])
+    weights = multi_label_readout(first, UNSURE, torch.tensor([30.0, 30.0, -30.0]))
+    torch.testing.assert_close(weights, torch.tensor([0.0, 1.0, 0.0, 2.0]) / 3.0, atol=1e-5, rtol=0)
+    # With p(label 0 present) = 0.99, knowing label 0 is present tells almost nothing: a's share nearly vanishes.
+    prior = torch.tensor([0.99, 0.5, 0.5]).log()
+    weights = multi_label_readout(first, UNSURE, torch.tensor([30.0, 30.0, -30.0]), log_prior=prior)
+    assert weights[1].item() < 0.01 and weights[3].item() > 0.99
+
+
+def test_multi_label_model_prior_counts_each_label_and_is_saved(tmp_path):
+    tester = ModelTester(("alpha", "beta"), batch_size=4)
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config(problem_type="multi_label_classification")).train()
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    model(labels=labels, **tester.inputs())
+    assert model.label_prior.counts.tolist() == [3.0, 1.0, 1.0] and model.label_prior.samples.item() == 4
+    # p(label k present), Laplace-smoothed: (count + 1) / (samples + 2).
+    torch.testing.assert_close(model.label_prior.log_prior().exp(), torch.tensor([4.0, 2.0, 2.0]) / 6.0)
+    model.eval()
+    with torch.no_grad():
+        out = model(**tester.inputs())
+    expected = pointwise_interaction_weights(out.modality_logits, out.logits, out.modality_mask,
+                                             model.label_prior.log_prior(), multi_label=True)
+    torch.testing.assert_close(out.interaction_weights, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = DmilForMultimodalClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.label_prior.samples.item() == 4
+    with torch.no_grad():
+        again = reloaded(**tester.inputs())
+    torch.testing.assert_close(again.interaction_weights, out.interaction_weights)
+    torch.testing.assert_close(again.logits, out.logits)
+
+
 def test_readout_plot_names_the_interaction_weights_it_plots(tmp_path, monkeypatch):
     """The run's `interaction_weights.png` plots the readout, so its axis must say so, not "gate weight"."""
     from matplotlib.figure import Figure

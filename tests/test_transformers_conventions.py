@@ -5,21 +5,16 @@ from transformers):
 
 - `return_dict=False` (argument or `config.return_dict`) gives the tuple of the output's non-None fields;
 - `outputs[0]` is the main tensor (component embeddings for `DmilModel`; loss, else logits, for the classifiers);
-- `output_hidden_states` / `output_attentions` return the towers' hidden states / attentions by modality;
-- `main_input_name` is an argument of `forward` (class and instance);
+- `output_hidden_states` / `output_attentions` return each tower's own output as `<modality>_model_output` (CLIP's
+  `text_model_output` / `vision_model_output` convention), with a list of layer indices passed through;
+- `main_input_name` is an argument of `forward` (class and instance), and the one positional argument it takes;
 - `DmilConfig()` builds (valid but empty) and round-trips through `to_dict` / `to_diff_dict` / `from_dict`;
 - `torch.export.export` and `torch.compile(fullgraph=True)` work, with the same outputs / losses as eager;
 - a plain `Trainer` with default `TrainingArguments` (`remove_unused_columns=True`) trains and evaluates on processor
   outputs, including feature modalities with user-chosen names.
 
-Generic checks that do not apply, and why:
-- multi-label classification (`problem_type="multi_label_classification"`): DMIL refuses it by design (its gate mixes
-  per-component class distributions; every head is trained with single-label cross-entropy), so the generic
-  multi-label loss test is replaced by a test that the refusal is clear.
-- `hidden_states` is a dict (modality -> the tower's tuple), not the flat tuple of a single-tower model: there is one
-  stack of layers per modality, and feature-vector towers have no hidden states at all.
-- `inputs_embeds`, generation, resizing token embeddings, head masking and gradient checkpointing: DMIL has no single
-  embedding matrix or decoder (each tower keeps its own; `supports_gradient_checkpointing = False`).
+transformers' own generic tests run against DMIL in `test_transformers_common.py` (from its source distribution);
+the checks that do not apply there are listed with their reasons in that file.
 """
 
 import copy
@@ -41,7 +36,7 @@ from transformers import (
 from dmil_hf import METHODS as REGISTERED_METHODS
 from dmil_hf import DmilConfig, DmilForMultimodalClassification, DmilModel, build_model
 from dmil_hf.configuration_dmil import TOWER_MODALITIES
-from dmil_hf.modeling_dmil import DmilClassifierOutput, DmilGaussianBottleneck
+from dmil_hf.modeling_dmil import TOWER_OUTPUTS, DmilClassifierOutput, DmilGaussianBottleneck
 from dmil_hf.processing_dmil import DmilProcessor
 from dmil_hf.towers import text_tower_config
 
@@ -146,28 +141,53 @@ def test_determinism(method):
 # --- hidden states and attentions -----------------------------------------------------------------------------
 
 
-def test_output_hidden_states_by_modality():
+def test_output_hidden_states_as_tower_outputs():
     tester = ModelTester(("text", "vision", "alpha"))
     model = DmilForMultimodalClassification(tester.config()).eval()
     inputs = tester.inputs()
     with torch.no_grad():
         plain = model(**inputs)
         out = model(**inputs, output_hidden_states=True)
-    assert plain.hidden_states is None and "hidden_states" not in plain.keys()
-    assert set(out.hidden_states) == {"text", "vision"}  # the feature tower "alpha" has no hidden states
+    assert not set(TOWER_OUTPUTS) & set(plain.keys())
+    # One output per transformers tower (the feature tower "alpha" has none), as the tower itself returns it.
+    assert {"text_model_output", "vision_model_output"} == set(TOWER_OUTPUTS) & set(out.keys())
     text_layers = model.config.text_config.num_hidden_layers
-    assert len(out.hidden_states["text"]) == text_layers + 1
-    assert out.hidden_states["text"][0].shape == (tester.batch_size, inputs["text_input_ids"].shape[1], 32)
-    assert len(out.hidden_states["vision"]) == model.config.vision_config.num_hidden_layers + 1
+    assert len(out.text_model_output.hidden_states) == text_layers + 1
+    assert out.text_model_output.hidden_states[0].shape == (tester.batch_size, inputs["text_input_ids"].shape[1], 32)
+    assert len(out.vision_model_output.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    with torch.no_grad():
+        alone = model.dmil.encoders.towers["text"](input_ids=inputs["text_input_ids"],
+                                                   attention_mask=inputs["text_attention_mask"])
+    torch.testing.assert_close(out.text_model_output.last_hidden_state, alone.last_hidden_state)
     # The flag changes nothing else, and config.output_hidden_states is honoured.
     torch.testing.assert_close(out.logits, plain.logits)
     model.config.output_hidden_states = True
     with torch.no_grad():
         from_config = model(**inputs)
-    assert set(from_config.hidden_states) == {"text", "vision"}
-    # In the tuple, hidden states come after the tensors and before loss_terms.
+        as_tuple = model(**inputs, return_dict=False)
+    assert from_config.vision_model_output is not None
+    # In the tuple, the tower outputs come after the tensors and before loss_terms, each a tuple itself.
     keys = list(from_config.keys())
-    assert keys.index("hidden_states") > keys.index("logits") and keys.index("hidden_states") < keys.index("loss_terms")
+    position = keys.index("text_model_output")
+    assert keys.index("logits") < position < keys.index("loss_terms")
+    assert type(as_tuple[position]) is tuple
+    _assert_same(as_tuple[position], from_config.text_model_output.to_tuple())
+
+
+def test_output_hidden_states_of_chosen_layers():
+    """A list of layer indices (transformers' `output_hidden_states=[0, -1]`) reaches the towers: only those layers
+    are kept, the others are None."""
+    tester = ModelTester(("text", "vision"))
+    model = DmilModel(tester.config()).eval()
+    with torch.no_grad():
+        every = model(**tester.inputs(), output_hidden_states=True)
+        chosen = model(**tester.inputs(), output_hidden_states=[0, -1])
+    for key in ("text_model_output", "vision_model_output"):
+        full, kept = every[key].hidden_states, chosen[key].hidden_states
+        assert len(kept) == len(full) == 3
+        torch.testing.assert_close(kept[0], full[0])
+        torch.testing.assert_close(kept[-1], full[-1])
+        assert kept[1] is None
 
 
 @pytest.mark.parametrize("method", ["dmil", "i2moe"])
@@ -178,12 +198,13 @@ def test_output_attentions_with_eager_attention(method):
     inputs = tester.inputs()
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
-    assert set(out.attentions) == {"text", "vision"}
+    assert out.text_model_output.attentions is not None and out.vision_model_output.attentions is not None
     layers, heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     seq = inputs["text_input_ids"].shape[1]
-    assert len(out.attentions["text"]) == layers
-    assert out.attentions["text"][0].shape == (tester.batch_size, heads, seq, seq)
-    torch.testing.assert_close(out.attentions["text"][0].sum(-1), torch.ones(tester.batch_size, heads, seq))
+    attentions = out.text_model_output.attentions
+    assert len(attentions) == layers
+    assert attentions[0].shape == (tester.batch_size, heads, seq, seq)
+    torch.testing.assert_close(attentions[0].sum(-1), torch.ones(tester.batch_size, heads, seq))
 
 
 # --- main_input_name and the visible forward signature ---------------------------------------------------------
@@ -213,11 +234,25 @@ def test_forward_signature_lists_every_modality_input(method):
             "gaze_features", "modality_mask", "labels", "return_dict", "output_hidden_states",
             "output_attentions"} <= visible
     assert model.main_input_name == "text_input_ids"
-    # A copy keeps its own (bound) forward; keyword arguments only.
+    # A copy keeps its own (bound) forward.
     clone = copy.deepcopy(model)
     assert clone.forward.__self__ is clone and set(inspect.signature(clone.forward).parameters) == visible
-    with pytest.raises(TypeError, match="keyword arguments only"):
-        model(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_one_positional_argument_is_the_main_input():
+    """`model(input_ids)`, as transformers models take it: the first modality's main input; the others absent."""
+    tester = ModelTester(("text", "alpha"))
+    model = DmilForMultimodalClassification(tester.config()).eval()
+    ids = tester.inputs()["text_input_ids"]
+    with torch.no_grad():
+        positional = model(ids)
+        by_name = model(text_input_ids=ids)
+    torch.testing.assert_close(positional.logits, by_name.logits)
+    assert positional.modality_mask.tolist() == [[True, False]] * tester.batch_size
+    with pytest.raises(TypeError, match=r"at most one positional argument, the main input text_input_ids; got 2"):
+        model(ids, ids)
+    with pytest.raises(TypeError, match=r"got 1 positional argument\(s\) and text_input_ids= as well"):
+        model(ids, text_input_ids=ids)
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -259,13 +294,6 @@ def test_config_json_round_trip(tmp_path):
     assert DmilConfig.from_json_file(tmp_path / "config.json").modalities == ("text", "alpha")
 
 
-def test_multi_label_is_refused_by_design():
-    config = ModelTester(("alpha", "beta")).config(problem_type="multi_label_classification")
-    for method in METHODS:
-        with pytest.raises(ValueError, match="multi_label_classification' is not supported"):
-            build_model(method, config)
-
-
 # --- export and compile ----------------------------------------------------------------------------------------
 
 
@@ -289,6 +317,22 @@ def test_torch_export_reproduces_eager_outputs(method, modalities):
     assert "logits" in fields
     for field in fields:
         torch.testing.assert_close(got[field], expected[field], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_with_a_dynamic_batch_size():
+    """One exported program serves any batch size (`torch.export.Dim` on every input's first axis)."""
+    tester = ModelTester(("text", "vision", "alpha"))
+    model = _build("dmil", tester).eval()
+    inputs = tester.inputs()
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (), inputs, dynamic_shapes={name: {0: batch} for name in inputs})
+    for size in (3, 7):
+        other = tester.inputs(batch_size=size)
+        with torch.no_grad():
+            expected = model(**other)
+        got = exported.module()(**other)
+        torch.testing.assert_close(got["logits"], expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["interaction_weights"], expected.interaction_weights, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_training_matches_eager():

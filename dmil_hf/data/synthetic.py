@@ -14,6 +14,10 @@ of standard deviation `noise` in every coordinate. The type code makes the type 
 `y` (types and labels are independent), so on synergy samples no single modality reveals the label even though each
 one reveals the type.
 
+Multi-label (`multi_label=True`): `labels` is multi-hot over the `num_classes` labels: label `y` is present, and for
+even `y` also label `(y + 1) mod num_classes`. The set and `y` determine each other, so every sample keeps its
+interaction type and every Bayes figure holds for the set (exact match).
+
 The Bayes-optimal classifier is the posterior argmax under this exact model (computed in closed form per sample,
 summing over types and hidden values). Its accuracy is estimated by Monte Carlo on `bayes_samples` fresh samples per
 type, with every modality and with each one missing (also the optimum for a `noise_<m>` test set, for an observer
@@ -134,10 +138,11 @@ class _Model:
 
 def make_synthetic(num_modalities: int = 2, num_classes: int = 4, num_samples: int = 3000, feature_dim: int = 16,
                    noise: float = 0.5, mixture: dict | None = None, seed: int = 0, validation_fraction: float = 0.15,
-                   test_fraction: float = 0.15, bayes_samples: int = 20000) -> DatasetDict:
+                   test_fraction: float = 0.15, bayes_samples: int = 20000, multi_label: bool = False) -> DatasetDict:
     """
     The `synthetic` dataset (see the module docstring): columns `a_features`, `b_features`, ... (float32,
-    `feature_dim` wide), `labels` (int64) and `interaction`. `mixture` maps interaction types (`redundancy`,
+    `feature_dim` wide), `labels` (int64; with `multi_label=True` multi-hot float32 `(num_classes,)`, see the module
+    docstring: train with `problem_type="multi_label_classification"`) and `interaction`. `mixture` maps interaction types (`redundancy`,
     `unique_a`, ..., `synergy`) to shares (normalised; default equal shares over all `num_modalities + 2` types).
     Deterministic in `seed`. Metadata (`dataset_metadata`): the Bayes accuracy per type and overall (Monte Carlo with
     `bayes_samples` samples per type), the same with each modality missing, and the Bayes classifier's accuracy on
@@ -161,7 +166,7 @@ def make_synthetic(num_modalities: int = 2, num_classes: int = 4, num_samples: i
     inputs, labels = model.sample(type_index, rng)
     names = FEATURE_MODALITIES[:num_modalities]
     columns = {f"{m}_features": x for m, x in zip(names, inputs)}
-    columns["labels"] = labels.astype(np.int64)
+    columns["labels"] = multi_hot(labels, num_classes) if multi_label else labels.astype(np.int64)
     interaction = np.array(types, dtype=object)[type_index]
 
     metadata = {
@@ -169,7 +174,7 @@ def make_synthetic(num_modalities: int = 2, num_classes: int = 4, num_samples: i
         "builder_kwargs": {"num_modalities": num_modalities, "num_classes": num_classes,
                            "num_samples": int(num_samples), "feature_dim": feature_dim, "noise": float(noise),
                            "mixture": shares, "seed": seed, "validation_fraction": validation_fraction,
-                           "test_fraction": test_fraction},
+                           "test_fraction": test_fraction, "multi_label": bool(multi_label)},
         "interaction_types": list(types),
         "mixture": shares,
         "label_names": [str(i) for i in range(num_classes)],
@@ -178,7 +183,7 @@ def make_synthetic(num_modalities: int = 2, num_classes: int = 4, num_samples: i
     metadata.update(model.bayes_accuracy(int(bayes_samples), seed, shares))
     bounds = np.cumsum((0,) + sizes)
     splits, empirical = {}, {}
-    predictions = model.log_posterior(inputs).argmax(1)
+    predictions = model.log_posterior(inputs).argmax(1)  # the label set too: it is a function of the class
     for name, start, stop in zip(("train", "validation", "test"), bounds[:-1], bounds[1:]):
         splits[name] = {k: v[start:stop] for k, v in columns.items()}
         splits[name]["interaction"] = interaction[start:stop].tolist()
@@ -190,4 +195,15 @@ def make_synthetic(num_modalities: int = 2, num_classes: int = 4, num_samples: i
     return assemble(splits, metadata)
 
 
-__all__ = ["FEATURE_MODALITIES", "interaction_types", "make_synthetic"]
+def multi_hot(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """The multi-label version's label sets: label `y`, and for even `y` also `(y + 1) mod num_classes`;
+    `(n,)` class ids -> `(n, num_classes)` float32."""
+    sets = np.zeros((len(classes), num_classes), dtype=np.float32)
+    rows = np.arange(len(classes))
+    sets[rows, classes] = 1.0
+    even = classes % 2 == 0
+    sets[rows[even], (classes[even] + 1) % num_classes] = 1.0
+    return sets
+
+
+__all__ = ["FEATURE_MODALITIES", "interaction_types", "make_synthetic", "multi_hot"]

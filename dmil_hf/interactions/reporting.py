@@ -30,7 +30,9 @@ def make_compute_metrics(interactions: Sequence[str] | None = None, component_na
     Returns:
         `compute_metrics(eval_pred) -> dict[str, float]`. `eval_pred.predictions` is the logits `(N, C)` or a tuple
         whose first item is; logits of shape `(N, 1)` or `(N,)` are a regression, scored by `mse` (and
-        `mse_<type>`) instead of accuracy.
+        `mse_<type>`) instead of accuracy. Multi-hot labels `(N, C)` (multi-label classification, each label
+        predicted present where its logit is positive) are scored by `accuracy`, the share of samples whose whole label
+        set is right (exact match), and `f1_micro` over every (sample, label) decision.
     """
     kinds = None if interactions is None else np.asarray(list(interactions))
     names = None if component_names is None else tuple(component_names)
@@ -43,7 +45,12 @@ def make_compute_metrics(interactions: Sequence[str] | None = None, component_na
         if kinds is not None and len(kinds) != len(labels):
             raise ValueError(f"`interactions` has {len(kinds)} rows but the evaluation set has {len(labels)}; pass the "
                              "interaction column of the same evaluation set, in the same order.")
-        if logits.ndim == 1 or logits.shape[-1] == 1:
+        if labels.ndim == 2 and labels.shape == logits.shape and logits.shape[-1] > 1:  # multi-label
+            predicted, truth = logits > 0, labels > 0.5
+            scores = _per_kind("accuracy", (predicted == truth).all(-1).astype(np.float64), kinds)
+            hits = float((predicted & truth).sum())
+            scores["f1_micro"] = 2 * hits / max(float(predicted.sum() + truth.sum()), 1.0)
+        elif logits.ndim == 1 or logits.shape[-1] == 1:
             scores = _per_kind("mse", (logits.reshape(-1) - labels.reshape(-1)) ** 2, kinds)
         else:
             scores = _per_kind("accuracy", (logits.argmax(-1) == labels).astype(np.float64), kinds)
