@@ -75,7 +75,7 @@ _STANDARD_CONFIG_KEYS = frozenset({
 }) | {field.name for field in dataclasses.fields(PretrainedConfig)}
 # True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
 # Fields whose default changed the architecture, with the value a config saved before the field existed must keep.
-_LEGACY_DEFAULTS = {"synergy_structure": "joint", "reliability_context": False}
+_LEGACY_DEFAULTS = {"synergy_structure": "joint", "reliability_marginalization": False}
 _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
 
 
@@ -219,16 +219,17 @@ class DmilConfig(PretrainedConfig):
             missing one, smoothly: the components that need it lose gate weight, redundancy comes from the
             reliable modalities, synergy stops reading it, and the readout's `unique_<m>` drops. A model never shown
             corrupted samples keeps every reliability at 1 (the head is untrained). `False` is the paper.
-        reliability_context (`bool`, defaults to `True`): each reliability head also reads the other modalities (their
-            projected embeddings, detached, and which are present): whether a modality fits what the others say is
-            evidence of whether it works, beyond what its own embedding shows. `False` (what configs saved before
-            this field existed load as): each head reads its own tower's output only.
-        reliability_calibration (`dict[str, list[float]]`, *optional*): per modality, the `[scale, bias]` applied to
-            its reliability head's logit, fitted after training on the validation split and corrupted copies of it
-            (`dmil_hf.calibration.calibrate_reliability`, which `dmil train` runs). A detector trained on a few
-            training sentences or voices judges clean ones it has not seen as broken (on `digits`, clean held-out
-            sentences got a mean text reliability of 0.70 against 1.00 on training ones); the validation split,
-            which holds new ones, sets where its threshold lies. `None`: the heads' own logits.
+        reliability_marginalization (`bool`, defaults to `True`): at inference (single-label), once the reliability
+            heads have learnt from corrupted rows, predict by marginalising over which modalities work: the prediction is the
+            mixture, over the subsets of the present modalities, of the model's prediction with only that subset (the
+            others as if missing), each weighted by the probability that exactly that subset works (independent
+            modalities, each working with its reliability). A modality with reliability 0.3 then means "missing with
+            probability 0.7", the path modality dropout trains, rather than a 0.3-scaled input the model never saw.
+            The reliabilities need not be calibrated for this: on `digits` a clean held-out sentence gets a text
+            reliability of about 0.7 (noise about 0.25), and the mixture keeps its prediction (the text-present path is
+            confident) while a noised one falls to the text-missing path. It costs one pass of the head per subset
+            (`2^M - 1`; the towers run once); `logits` are then log-probabilities. `False`: the reliabilities only
+            scale the gate and the inputs (the soft gating, the only mode in training).
         reliability_loss_weight (`float`, defaults to 1.0): weight of the reliability heads' loss (binary
             cross-entropy against 1 - corruption level, in every stage; the heads read detached inputs, so the loss
             trains them only).
@@ -298,8 +299,7 @@ class DmilConfig(PretrainedConfig):
         check_input_values: bool | None = None,
         freeze_towers: bool | list[str] = False,
         reliability_gating: bool = True,
-        reliability_context: bool = True,
-        reliability_calibration: dict | None = None,
+        reliability_marginalization: bool = True,
         reliability_loss_weight: float = 1.0,
         modality_dropout: float | None = None,
         **kwargs,
@@ -379,9 +379,7 @@ class DmilConfig(PretrainedConfig):
         if float(reliability_loss_weight) < 0:
             raise ValueError(f"`reliability_loss_weight` is {reliability_loss_weight}; expected a number >= 0.")
         self.reliability_gating = bool(reliability_gating)
-        self.reliability_context = bool(reliability_context)
-        self.reliability_calibration = (None if reliability_calibration is None else
-                                        {str(m): [float(v) for v in pair] for m, pair in reliability_calibration.items()})
+        self.reliability_marginalization = bool(reliability_marginalization)
         self.reliability_loss_weight = float(reliability_loss_weight)
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values

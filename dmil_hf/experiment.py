@@ -148,7 +148,7 @@ def run_training(settings: RunSettings) -> dict:
 
     from .data import inspect_dataset, load_dataset_from_name_or_path
     from .interactions import make_compute_metrics
-    from .preprocess import build_processor, encode_dataset, encode_split
+    from .preprocess import build_processor, encode_dataset
     from .training import TrainLogCallback, apply_lora, merge_lora, push_trained_model, save_lora_adapters, train_staged
 
     check_settings(settings)
@@ -235,12 +235,6 @@ def run_training(settings: RunSettings) -> dict:
     if settings.lora:
         save_lora_adapters(model, output_dir / "adapters")
         merge_lora(model)
-    if corruption > 0 and getattr(model.config, "reliability_gating", False):
-        from .calibration import CALIBRATION_FRACTION, calibrate_reliability
-        from .data import add_training_corruption
-
-        held_out = add_training_corruption(dsd["validation"], schema.modalities, CALIBRATION_FRACTION, seed=1)
-        calibrate_reliability(model, encode_split(held_out, processor, schema.modalities))
     model.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)

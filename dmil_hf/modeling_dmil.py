@@ -103,6 +103,12 @@ class DmilModelOutput(_DmilOutput):
             none).
         loss_terms (`dict[str, torch.FloatTensor]`): unweighted regularisers by name (KLs already times `kl_scale`).
         component_names (`tuple[str]`): `("redundancy", "unique_<modality>"..., "synergy")`.
+        subset_weights (`torch.FloatTensor` of shape `(batch_size, 2^num_modalities - 1)`, with
+            `reliability_subsets=True`): the probability that exactly each subset of the modalities works (see
+            [`subset_probabilities`]; subsets as [`modality_subsets`] lists them).
+        subset_decomposition ([`DmilModelOutput`], with `reliability_subsets=True`): the decomposition of every sample
+            with only each subset's modalities, as if the others were missing: `(2^M - 1) * batch_size` rows,
+            subset-major.
     """
 
     component_embeds: torch.FloatTensor | None = None
@@ -119,6 +125,8 @@ class DmilModelOutput(_DmilOutput):
     audio_model_output: ModelOutput | None = None
     loss_terms: dict | None = None
     component_names: tuple | None = None
+    subset_weights: torch.FloatTensor | None = None
+    subset_decomposition: "DmilModelOutput | None" = None
 
 
 @dataclass
@@ -196,6 +204,24 @@ def drop_modalities(mask, probability: float):
         return mask
     kept = mask & (torch.rand(mask.shape, device=mask.device) >= probability)
     return torch.where(kept.any(1, keepdim=True), kept, mask)
+
+
+def modality_subsets(num_modalities: int, device=None) -> torch.Tensor:
+    """`(2^M - 1, M)` bool: every non-empty subset of the modalities, the full set last."""
+    codes = torch.arange(1, 2 ** num_modalities, device=device)
+    return (codes.unsqueeze(1) >> torch.arange(num_modalities, device=device)) & 1 == 1
+
+
+def subset_probabilities(modality_reliability, mask, subsets):
+    """`(B, V)`: the probability that exactly the modalities of each subset `(V, M)` work, each present modality
+    (`mask` `(B, M)`) working independently with its reliability `(B, M)` (absent ones never: no subset holding one
+    has any weight); renormalised over the non-empty subsets. A sample whose every present modality is judged broken
+    keeps them all (the reliabilities then say nothing about which to drop)."""
+    r = (modality_reliability * mask).unsqueeze(1).double()  # (B, 1, M)
+    probability = torch.where(subsets.unsqueeze(0), r, 1.0 - r).prod(-1)  # (B, V)
+    total = probability.sum(1, keepdim=True)
+    present = (subsets.unsqueeze(0) == mask.unsqueeze(1)).all(-1).double()
+    return torch.where(total > 1e-12, probability / total.clamp(min=1e-12), present).to(modality_reliability.dtype)
 
 
 def component_reliability(modality_reliability):
@@ -318,21 +344,17 @@ class DmilReliability(nn.Module):
     present modality, so a model trained without corruption behaves as before. Absent modalities get 0.
     """
 
-    def __init__(self, widths: dict[str, int], hidden_size: int, context_size: int = 0):
+    def __init__(self, widths: dict[str, int], hidden_size: int):
         super().__init__()
-        self.heads = nn.ModuleDict({m: _mlp(width + context_size, hidden_size, 1) for m, width in widths.items()})
+        self.heads = nn.ModuleDict({m: _mlp(width, hidden_size, 1) for m, width in widths.items()})
         self.register_buffer("calibrated", torch.zeros(()))
 
-    def forward(self, pooled: dict, mask, corruption=None, context=None, calibration=None):
+    def forward(self, pooled: dict, mask, corruption=None):
         """`(reliability (B, M) detached, loss terms)` from the pooled tower outputs (a dict over the modalities
-        present), the presence mask, the training corruption levels `(B, M)` (None at inference), with
-        `context_size` what every head also reads `(B, context_size)` (detached here), and `calibration`, the
-        per-modality `[scale, bias]` of `config.reliability_calibration` applied to the heads' logits (not to the
-        training loss)."""
+        present), the presence mask and the training corruption levels `(B, M)` (None at inference)."""
         names = list(self.heads)
         reference = next(iter(pooled.values()))
-        extra = [] if context is None else [context.detach().to(reference.dtype)]
-        logits = torch.stack([self.heads[m](torch.cat([pooled[m].detach()] + extra, -1)).squeeze(-1) if m in pooled
+        logits = torch.stack([self.heads[m](pooled[m].detach()).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for m in names], 1).float()
         terms = {}
         for i, m in enumerate(names):
@@ -344,9 +366,6 @@ class DmilReliability(nn.Module):
                     F.binary_cross_entropy_with_logits(logits[:, i], target, reduction="none"), mask[:, i])
         if corruption is not None and self.training:
             self.calibrated.fill_(1.0)
-        if calibration:
-            scale, bias = logits.new_tensor([calibration.get(m, (1.0, 0.0)) for m in names]).unbind(-1)
-            logits = logits * scale + bias
         reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
         return reliability * mask.to(reliability.dtype), terms
 
@@ -1103,9 +1122,7 @@ class DmilModel(DmilPreTrainedModel):
         else:
             self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
         if config.reliability_gating:
-            # With `reliability_context`, every head also reads all modalities' projected embeddings and presence.
-            context = num * (hidden + 1) if config.reliability_context else 0
-            self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden, context)
+            self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden)
         self.post_init()
 
     def synergy_modules(self):
@@ -1137,7 +1154,7 @@ class DmilModel(DmilPreTrainedModel):
         return [self.redundancy, self.redundancy_from, self.unique, self.reconstruct_relevant]
 
     def forward(self, modality_mask=None, modality_corruption=None, return_dict=None, output_hidden_states=None,
-                output_attentions=None, **inputs) -> DmilModelOutput | tuple:
+                output_attentions=None, reliability_subsets: bool = False, **inputs) -> DmilModelOutput | tuple:
         r"""
         Args:
             modality_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, *optional*): per-sample
@@ -1150,6 +1167,9 @@ class DmilModel(DmilPreTrainedModel):
             output_hidden_states / output_attentions (`bool`, *optional*): also return each transformers tower's
                 output with its hidden states / attention weights, as `<modality>_model_output` (default: the
                 config's flags); `output_hidden_states` may be a list of layer indices.
+            reliability_subsets (`bool`, defaults to `False`): also decompose every sample with each subset of its
+                modalities (`subset_decomposition`) and return how probable each subset is to be the one that works
+                (`subset_weights`), from the modalities' reliabilities (needs reliability heads).
             **inputs: modality-prefixed tower inputs, e.g. `text_input_ids`, `text_attention_mask`,
                 `vision_pixel_values`, `audio_input_values` / `audio_input_features`, `<name>_features`. An instance's
                 `inspect.signature(model.forward)` lists them all (see `forward_input_names`).
@@ -1165,19 +1185,33 @@ class DmilModel(DmilPreTrainedModel):
             mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         if hasattr(self, "reliability"):
-            context = (torch.cat([embeds.flatten(1), mask.to(embeds.dtype)], 1) if self.config.reliability_context
-                       else None)
-            reliability, reliability_terms = self.reliability(pooled, mask, corruption, context,
-                                                              self.config.reliability_calibration)
+            reliability, reliability_terms = self.reliability(pooled, mask, corruption)
         else:  # the stage losses read these terms; without reliability heads they are zero
             reliability, reliability_terms = None, {f"reliability_{m}": embeds.new_zeros(()) for m in self.config.modalities}
         synergy_embeds = (self.synergy_inputs(pooled, mask, reliability) if self.config.synergy_source == "towers"
                           else None)
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
+        if reliability_subsets and reliability is not None:
+            subsets = modality_subsets(mask.shape[1], mask.device)
+            out.subset_weights = subset_probabilities(reliability, mask, subsets)
+            out.subset_decomposition = self.decompose_subsets(embeds, mask, pooled, subsets)
         if tower_outputs:  # rebuilt so the fields keep their tuple positions
             out = DmilModelOutput(**dict(out.items()), **{f"{m}_model_output": o for m, o in tower_outputs.items()})
         return out if return_dict else out.to_tuple()
+
+    def decompose_subsets(self, embeds, mask, pooled: dict, subsets):
+        """The decomposition of every sample with only the modalities of each subset `(V, M)` (the others as if
+        missing, every kept one fully trusted): `V * B` rows, subset-major. `embeds` `(B, M, hidden)` and `pooled`
+        (the towers' pooled outputs by modality) as [`DmilEncoders.encode`] returns them."""
+        repeats = subsets.shape[0]
+        kept = (mask.unsqueeze(0) & subsets.unsqueeze(1)).flatten(0, 1)  # (V * B, M)
+        embeds = embeds.repeat(repeats, 1, 1) * kept.unsqueeze(-1).to(embeds.dtype)
+        trust = kept.to(embeds.dtype)
+        synergy_embeds = None
+        if self.config.synergy_source == "towers":
+            synergy_embeds = self.synergy_inputs({m: p.repeat(repeats, 1) for m, p in pooled.items()}, kept, trust)
+        return self.decompose(embeds, kept, synergy_embeds, trust)
 
     def _check_corruption(self, corruption, mask):
         if corruption is None:
@@ -1591,13 +1625,44 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             return_dict, output_hidden_states, output_attentions)
         if labels is not None:
             self._check_labels(labels, inputs)
+        marginal = self.marginalizes_reliability
         out = self.dmil(modality_mask=modality_mask, modality_corruption=modality_corruption, return_dict=True,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions, **inputs)
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                        reliability_subsets=marginal, **inputs)
         result = self.classify(out, labels, modality_corruption)
+        if marginal:
+            result = self._marginalize(result, out)
         towers = {key: out[key] for key in TOWER_OUTPUTS if key in out}
         if towers:  # rebuilt so the fields keep their tuple positions
             result = type(result)(**dict(result.items()), **towers)
         return result if return_dict else result.to_tuple()
+
+    @property
+    def marginalizes_reliability(self) -> bool:
+        """Whether this forward pass marginalises over which modalities work (see
+        `DmilConfig.reliability_marginalization`): at inference, single-label, with reliability heads (until they
+        have learnt from corrupted rows every reliability is 1, and the result is the soft pass's)."""
+        config = self.config
+        return (not self.training and config.reliability_marginalization and config.reliability_gating
+                and problem_type(config) == "single_label_classification")
+
+    def _marginalize(self, result: DmilClassifierOutput, out: DmilModelOutput) -> DmilClassifierOutput:
+        """`result` with `logits` (log-probabilities), `interaction_weights` and `gate_weights` replaced by their
+        mixture over the subsets of modalities that may work, each subset's prediction made as if the others were
+        missing, weighted by `out.subset_weights` (loss and the other fields stay those of the soft pass)."""
+        subsets = self.classify(out.subset_decomposition)
+        weights = out.subset_weights.t().unsqueeze(-1)  # (V, B, 1)
+
+        def mix(values):
+            return (weights * values.view(*weights.shape[:2], -1)).sum(0)
+
+        marginal = mix(subsets.logits.float().softmax(-1)).clamp(min=1e-30).log().to(result.logits.dtype)
+        # Heads never trained on corrupted rows trust every present modality: the mixture is the soft pass itself, whose
+        # logits stay as they are (not turned into log-probabilities).
+        logits = torch.where(self.dmil.reliability.calibrated > 0, marginal, result.logits)
+        return type(result)(**{**dict(result.items()), "logits": logits,
+                               "interaction_weights": mix(subsets.interaction_weights),
+                               "gate_weights": mix(subsets.gate_weights)})
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the

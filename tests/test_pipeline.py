@@ -130,7 +130,7 @@ def test_feature_only_model_without_processor(tmp_path):
     DmilForMultimodalClassification(ModelTester(("alpha", "beta")).config()).save_pretrained(tmp_path)
     classifier = pipeline(TASK, model=str(tmp_path), device="cpu")
     assert classifier.processor is None
-    features = {f"{name}_features": np.ones(dim, dtype=np.float32) for name, dim in FEATURE_DIMS.items()}
+    features = {f"{name}_features": np.ones(FEATURE_DIMS[name], dtype=np.float32) for name in ("alpha", "beta")}
     result = classifier(features, top_k=1)
     assert len(result["scores"]) == 1 and result["scores"][0]["label"].startswith("LABEL_")
     assert set(result["interaction_weights"]) == {"redundancy", "unique_alpha", "unique_beta", "synergy"}
@@ -154,7 +154,7 @@ def test_multi_label_model_scores_each_label_and_lists_those_above_one_half(tmp_
             head.bias.copy_(torch.tensor([4.0, -4.0, 1.0]))
     model.save_pretrained(tmp_path)
     classifier = pipeline(TASK, model=str(tmp_path), device="cpu")
-    features = {f"{name}_features": np.ones(dim, dtype=np.float32) for name, dim in FEATURE_DIMS.items()}
+    features = {f"{name}_features": np.ones(FEATURE_DIMS[name], dtype=np.float32) for name in ("alpha", "beta")}
     result = classifier(features)
     expected = torch.tensor([4.0, -4.0, 1.0]).sigmoid().tolist()
     assert [s["label"] for s in result["scores"]] == ["cat", "bird", "dog"]

@@ -69,12 +69,12 @@ def test_joint_structure_and_legacy_configs():
     _, model = _model(synergy_structure="joint")
     assert isinstance(model.dmil.synergy, torch.nn.Sequential)
     assert model.dmil(**ModelTester(("alpha", "beta", "gamma")).inputs()).synergy_pair_embeds is None
-    assert DmilConfig().synergy_structure == "pairs" and DmilConfig().reliability_context
+    assert DmilConfig().synergy_structure == "pairs" and DmilConfig().reliability_marginalization
     # a config saved before these fields existed gets the architecture of that time
     saved = DmilConfig(feature_modalities={"a": 3, "b": 4}).to_dict()
-    for key in ("synergy_structure", "reliability_context"):
+    for key in ("synergy_structure", "reliability_marginalization"):
         saved.pop(key)
     old = DmilConfig.from_dict(saved)
-    assert old.synergy_structure == "joint" and old.reliability_context is False
+    assert old.synergy_structure == "joint" and old.reliability_marginalization is False
     with pytest.raises(ValueError, match="synergy_structure"):
         DmilConfig(synergy_structure="triples")

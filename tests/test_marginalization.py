@@ -1,0 +1,73 @@
+"""Predicting by marginalising over which modalities work (`DmilConfig.reliability_marginalization`): a modality
+judged broken with probability p is missing with probability p, and the model's missing-modality path answers."""
+
+import torch
+
+from dmil_hf import DmilForMultimodalClassification
+
+from conftest import ModelTester
+
+def test_subset_probabilities():
+    from dmil_hf.modeling_dmil import modality_subsets, subset_probabilities
+
+    subsets = modality_subsets(2)
+    assert subsets.tolist() == [[True, False], [False, True], [True, True]]
+    reliability = torch.tensor([[0.5, 1.0], [0.8, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    weights = subset_probabilities(reliability, mask, subsets)
+    torch.testing.assert_close(weights, torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def _three_feature_model(**overrides):
+    tester = ModelTester(("alpha", "beta", "gamma"), batch_size=6)
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(tester.config(modality_dropout=0.0, **overrides)).eval()
+    model.dmil.reliability.calibrated.fill_(1.0)  # as after training on corrupted rows
+    return tester, model
+
+
+def _force_reliability(model, logits: dict):
+    with torch.no_grad():
+        for name, bias in logits.items():
+            model.dmil.reliability.heads[name][-1].weight.zero_()
+            model.dmil.reliability.heads[name][-1].bias.fill_(bias)
+
+
+def test_a_broken_modality_is_exactly_a_missing_one():
+    tester, model = _three_feature_model()
+    _force_reliability(model, {"alpha": -40.0, "beta": 40.0, "gamma": 40.0})
+    inputs = tester.inputs()
+    assert model.marginalizes_reliability
+    out = model(**inputs)
+    model.dmil.reliability.calibrated.zero_()  # untrained heads: every present modality fully trusted
+    without = model(beta_features=inputs["beta_features"], gamma_features=inputs["gamma_features"])
+    torch.testing.assert_close(out.logits, without.logits.log_softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.interaction_weights, without.interaction_weights, atol=1e-5, rtol=0)
+
+
+def test_an_uncertain_modality_mixes_its_presence_and_its_absence():
+    tester, model = _three_feature_model()
+    _force_reliability(model, {"alpha": 0.0, "beta": 40.0, "gamma": 40.0})  # alpha works with probability 0.5
+    inputs = tester.inputs()
+    out = model(**inputs)
+    model.dmil.reliability.calibrated.zero_()
+    with_alpha = model(**inputs).logits.softmax(-1)
+    without = model(beta_features=inputs["beta_features"], gamma_features=inputs["gamma_features"]).logits.softmax(-1)
+    torch.testing.assert_close(out.logits.exp(), 0.5 * with_alpha + 0.5 * without, atol=1e-5, rtol=0)
+    # the soft gating of earlier versions, and training, do not marginalise
+    model.config.reliability_marginalization = False
+    assert not model.marginalizes_reliability
+    model.config.reliability_marginalization = True
+    assert not model.train().marginalizes_reliability
+
+
+def test_untrained_reliability_heads_leave_the_outputs_as_they_were():
+    tester, model = _three_feature_model()
+    model.dmil.reliability.calibrated.zero_()
+    inputs = tester.inputs()
+    assert model.marginalizes_reliability
+    out = model(**inputs)
+    model.config.reliability_marginalization = False
+    soft = model(**inputs)
+    torch.testing.assert_close(out.logits, soft.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.interaction_weights, soft.interaction_weights, atol=1e-6, rtol=0)
