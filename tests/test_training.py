@@ -389,6 +389,13 @@ def test_cli_train_then_evaluate_user_dataset(tmp_path):
     assert set(degraded["accuracy"]) == {f"{kind}_{m}" for kind in kinds for m in ("alpha", "beta")}
     assert all(0.0 <= v <= 1.0 for v in degraded["accuracy"].values())
     assert degraded["clean"] == pytest.approx(report["accuracy"]) and "blank" in degraded["held_out_kinds"]
+    # --kinds measures only the degradations asked for; an unknown kind is named
+    assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "data"), "--degraded", "--kinds",
+                 "missing", "noise", "--output", str(tmp_path / "eval_kinds.json")]) == 0
+    chosen = json.loads((tmp_path / "eval_kinds.json").read_text())["test"]["degraded"]
+    assert set(chosen["accuracy"]) == {f"{kind}_{m}" for kind in ("missing", "noise") for m in ("alpha", "beta")}
+    assert main(["evaluate", "--model", str(out), "--dataset", str(tmp_path / "data"), "--degraded", "--kinds",
+                 "smudge"]) == 2
 
 
 def text_feature_dataset(n=120, seed=0, num_classes=3) -> DatasetDict:

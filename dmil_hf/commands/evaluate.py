@@ -17,6 +17,9 @@ def add_parser(subparsers):
     p.add_argument("--degraded", action="store_true",
                    help="also evaluate copies of the split with each modality degraded (missing, noise, blank, partial "
                         "noise levels, natural corruptions), with the attainable level and the degradation gap")
+    p.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                   help="with --degraded, only these kinds of degradation (e.g. missing noise blank partial; default: "
+                        "all: missing, noise, blank, partial, blur, occlusion, background, word_dropout)")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
     add_dataset_arg_option(p)
@@ -57,12 +60,19 @@ def run(args) -> int:
     report, _ = evaluate_model(model, processor, dsd[args.split], shared)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
+    if args.kinds and not args.degraded:
+        raise ValueError("--kinds selects the degradations of --degraded; add --degraded.")
     if args.degraded:  # every degradation of each shared modality (missing only where another one remains)
-        from ..data.degrade import degradation_report
+        from ..data.degrade import DEGRADATIONS, degradation_report
 
+        kinds = sorted({d.kind for d in DEGRADATIONS})
+        unknown = sorted(set(args.kinds or ()) - set(kinds))
+        if unknown:
+            raise ValueError(f"--kinds {unknown} unknown; expected some of {kinds}.")
         report["degraded"] = degradation_report(
             lambda split: evaluate_model(model, processor, split, shared)[0], dsd, args.split,
-            num_labels=model.config.num_labels, modalities=shared, clean=report)
+            num_labels=model.config.num_labels, modalities=shared, clean=report,
+            degradations=[d for d in DEGRADATIONS if not args.kinds or d.kind in args.kinds])
     result = {"test": report, "modalities_used": shared}
     if absent:
         result["modalities_absent"] = absent

@@ -275,13 +275,14 @@ def attainable_accuracy(clean_by_type: dict, shares: dict, modality: str, num_la
 
 
 def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labels: int | None = None,
-                       modalities=None, seed: int = 0, clean: dict | None = None) -> dict:
+                       modalities=None, seed: int = 0, clean: dict | None = None, degradations=DEGRADATIONS) -> dict:
     """
     Accuracy on every degraded copy of `split` (`degraded_test_sets`), and for the kinds that remove a modality's
     information, the attainable level and the gap (see [`attainable_accuracy`]) where the split has interaction
     types. `evaluate(split) -> report` gives a report with `accuracy` (and `by_interaction`), e.g.
     `lambda s: dmil_hf.experiment.evaluate_model(model, processor, s)[0]`. `modalities`: the ones to degrade (default:
     all of the dataset's). `clean`: the report on the clean split where the caller has it (otherwise evaluated here).
+    `degradations`: the ones to measure (default: all of `DEGRADATIONS`).
     """
     from .schema import dataset_metadata
 
@@ -293,7 +294,8 @@ def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labe
         values = np.asarray(interactions)
         shares = {t: float((values == t).mean()) for t in clean["by_interaction"]}
     metadata = dataset_metadata(dsd)
-    for name, degraded in degraded_test_sets(dsd, seed=seed, split=split, modalities=modalities).items():
+    for name, degraded in degraded_test_sets(dsd, seed=seed, degradations=degradations, split=split,
+                                             modalities=modalities).items():
         degradation, modality = parse_degraded_name(name)
         out["accuracy"][name] = evaluate(degraded)["accuracy"]
         if shares is not None and degradation.removes_information:
