@@ -74,8 +74,6 @@ _STANDARD_CONFIG_KEYS = frozenset({
     "custom_pipelines", "base_model_tp_plan", "base_model_pp_plan",
 }) | {field.name for field in dataclasses.fields(PretrainedConfig)}
 # True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
-# Fields whose default changed the architecture, with the value a config saved before the field existed must keep.
-_LEGACY_DEFAULTS = {"synergy_structure": "joint", "reliability_marginalization": False}
 _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
 
 
@@ -165,13 +163,15 @@ class DmilConfig(PretrainedConfig):
             unseen feature datasets (user-dataset path, validation, one seed) it raised synergy accuracy from 49.7 to
             89.9 and from 24.9 to 65.0 (joint learning: 91.8 and 59.9), on `synthetic` to 0.99, and on `digits` (3
             seeds) overall accuracy from 67.2 to 69.7 (with `synergy_tower_gradient=0.25`).
-        synergy_structure (`str`, defaults to `"pairs"`): how the synergy component combines the modalities.
+        synergy_structure (`str`, defaults to `"joint"`): how the synergy component combines the modalities.
             `"pairs"`: one small MLP per pair of modalities `(i, j)` on `[v_i, v_j, v_i ⊙ v_j]`, the pairs pooled per
-            sample by a learned attention over the pairs that are present (and reliable), so that a synergy of two
-            modalities survives the loss of a third. `"joint"`: one MLP over every modality's vector and all pairwise
-            products (the paper's form; what configs saved before this field existed load as). With two modalities
-            both are the same function. On `synthetic3` (three feature modalities, synergy between `a` and `b`),
-            `"joint"` lost 16 points on synergy samples when `c`, which synergy never needs, was missing.
+            sample by a learned attention over the pairs that are present (and reliable), each pair also trained to
+            predict alone, so that a synergy of two modalities survives the loss of a third. `"joint"`: one MLP over
+            every modality's vector and all pairwise products (the paper's form). With two modalities both are the
+            same function. On `synthetic3` (three feature modalities, synergy between `a` and `b`), `"joint"` lost 16
+            points on synergy samples when `c`, which synergy never needs, was missing, `"pairs"` 1 (one seed); over
+            3 seeds `"pairs"` (with `reliability_marginalization`) cut the gap of a missing `c` from 7.7 to 3.4 points
+            but lowered clean accuracy from 95.8 to 94.1, so it is not the default (BENCHMARKS.md).
         synergy_tower_gradient (`float`, defaults to 0.25): with `synergy_source="towers"`, the factor on the gradient
             the synergy component sends into the towers in stage 3 (its own projections always get the full
             gradient; the stage-1 warm-up sends none). At 1 the towers learn what synergy needs as fast as in joint
@@ -219,7 +219,7 @@ class DmilConfig(PretrainedConfig):
             missing one, smoothly: the components that need it lose gate weight, redundancy comes from the
             reliable modalities, synergy stops reading it, and the readout's `unique_<m>` drops. A model never shown
             corrupted samples keeps every reliability at 1 (the head is untrained). `False` is the paper.
-        reliability_marginalization (`bool`, defaults to `True`): at inference (single-label), once the reliability
+        reliability_marginalization (`bool`, defaults to `False`): at inference (single-label), once the reliability
             heads have learnt from corrupted rows, predict by marginalising over which modalities work: the prediction is the
             mixture, over the subsets of the present modalities, of the model's prediction with only that subset (the
             others as if missing), each weighted by the probability that exactly that subset works (independent
@@ -228,8 +228,11 @@ class DmilConfig(PretrainedConfig):
             The reliabilities need not be calibrated for this: on `digits` a clean held-out sentence gets a text
             reliability of about 0.7 (noise about 0.25), and the mixture keeps its prediction (the text-present path is
             confident) while a noised one falls to the text-missing path. It costs one pass of the head per subset
-            (`2^M - 1`; the towers run once); `logits` are then log-probabilities. `False`: the reliabilities only
-            scale the gate and the inputs (the soft gating, the only mode in training).
+            (`2^M - 1`; the towers run once); `logits` are then log-probabilities. On `digits-pretrained` (2 seeds,
+            with `synergy_structure="pairs"`) the largest gap fell from 7.3 (noised text) to 4.7 points, but the
+            gaps of a lost image or voice rose from about 0 to 2-3: a text reliability that is too low on clean
+            sentences makes the mixture drop the text where it should not (BENCHMARKS.md). `False` (default): the
+            reliabilities only scale the gate and the inputs (the soft gating, the only mode in training).
         reliability_loss_weight (`float`, defaults to 1.0): weight of the reliability heads' loss (binary
             cross-entropy against 1 - corruption level, in every stage; the heads read detached inputs, so the loss
             trains them only).
@@ -273,7 +276,7 @@ class DmilConfig(PretrainedConfig):
         gate_hidden_size: int = 64,
         tower_pooling: str = "mean",
         synergy_source: str = "towers",
-        synergy_structure: str = "pairs",
+        synergy_structure: str = "joint",
         synergy_gate_penalty: float = 0.1,
         dropout: float = 0.1,
         lamb: float = 0.2,
@@ -299,7 +302,7 @@ class DmilConfig(PretrainedConfig):
         check_input_values: bool | None = None,
         freeze_towers: bool | list[str] = False,
         reliability_gating: bool = True,
-        reliability_marginalization: bool = True,
+        reliability_marginalization: bool = False,
         reliability_loss_weight: float = 1.0,
         modality_dropout: float | None = None,
         **kwargs,
@@ -472,8 +475,6 @@ class DmilConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """As [`PretrainedConfig.from_dict`]; extra keys of a saved config (attributes set before saving) are kept."""
-        # A config saved before a field existed gets the behaviour of that time, not today's default.
-        config_dict = {**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in config_dict}, **config_dict}
         token = _FROM_SAVED_DICT.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)

@@ -199,7 +199,7 @@ def test_init_weights_initialises_every_stacked_parameter():
     torch.manual_seed(0)
     model = DmilForMultimodalClassification(ModelTester(("alpha", "beta")).config())
     grouped = [m for m in model.modules() if isinstance(m, DmilGroupedLinear)]
-    assert len(grouped) == 14  # 12 of the head, 2 of the pairwise synergy MLP (one pair: no pair scores)
+    assert len(grouped) == 12
     with torch.no_grad():
         for module in grouped:
             module.weight.fill_(float("nan"))

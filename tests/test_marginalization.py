@@ -21,7 +21,8 @@ def test_subset_probabilities():
 def _three_feature_model(**overrides):
     tester = ModelTester(("alpha", "beta", "gamma"), batch_size=6)
     torch.manual_seed(0)
-    model = DmilForMultimodalClassification(tester.config(modality_dropout=0.0, **overrides)).eval()
+    config = tester.config(modality_dropout=0.0, **{"reliability_marginalization": True, **overrides})
+    model = DmilForMultimodalClassification(config).eval()
     model.dmil.reliability.calibrated.fill_(1.0)  # as after training on corrupted rows
     return tester, model
 

@@ -15,7 +15,8 @@ from conftest import ModelTester
 def _model(modalities=("alpha", "beta", "gamma"), **overrides):
     tester = ModelTester(modalities, batch_size=6)
     torch.manual_seed(0)
-    return tester, DmilForMultimodalClassification(tester.config(modality_dropout=0.0, **overrides)).eval()
+    config = tester.config(modality_dropout=0.0, **{"synergy_structure": "pairs", **overrides})
+    return tester, DmilForMultimodalClassification(config).eval()
 
 
 def test_a_lost_modality_leaves_the_synergy_of_the_others_unchanged():
@@ -65,16 +66,12 @@ def test_each_pair_learns_to_predict_alone():
     torch.testing.assert_close(out.loss_terms["task_component_synergy"], expected)
 
 
-def test_joint_structure_and_legacy_configs():
+def test_joint_structure_is_the_default_and_survives_a_round_trip():
     _, model = _model(synergy_structure="joint")
     assert isinstance(model.dmil.synergy, torch.nn.Sequential)
     assert model.dmil(**ModelTester(("alpha", "beta", "gamma")).inputs()).synergy_pair_embeds is None
-    assert DmilConfig().synergy_structure == "pairs" and DmilConfig().reliability_marginalization
-    # a config saved before these fields existed gets the architecture of that time
-    saved = DmilConfig(feature_modalities={"a": 3, "b": 4}).to_dict()
-    for key in ("synergy_structure", "reliability_marginalization"):
-        saved.pop(key)
-    old = DmilConfig.from_dict(saved)
-    assert old.synergy_structure == "joint" and old.reliability_marginalization is False
+    assert DmilConfig().synergy_structure == "joint" and not DmilConfig().reliability_marginalization
+    config = DmilConfig(feature_modalities={"a": 3, "b": 4}, synergy_structure="pairs")
+    assert DmilConfig.from_dict(config.to_dict()).synergy_structure == "pairs"
     with pytest.raises(ValueError, match="synergy_structure"):
         DmilConfig(synergy_structure="triples")

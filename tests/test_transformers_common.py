@@ -26,6 +26,8 @@ import unittest.mock
 from pathlib import Path
 
 import pytest
+import transformers
+from packaging import version
 import torch
 import transformers
 
@@ -213,6 +215,13 @@ class DmilModelTest(ModelTesterMixin, unittest.TestCase):
                                         functools.partialmethod(save, save_original_format=True)):
             super().test_reverse_loading_mapping(skip_base_model=True)
 
+
+# transformers 5.24's version of this test builds its failure message (`tuple_object - dict_object`) before it checks,
+# which raises for boolean outputs such as DMIL's masks; 5.25 fixed it (the test passes there), but 5.25 cannot load a
+# processor without a tokenizer, so pyproject keeps transformers below it.
+if version.parse(transformers.__version__) < version.parse("5.25"):
+    _NOT_APPLICABLE["test_model_outputs_equivalence"] = ("transformers < 5.25 subtracts boolean outputs (DMIL's masks) "
+                                                         "to format its message before comparing; fixed in 5.25")
 
 for _name, _reason in _NOT_APPLICABLE.items():
     setattr(DmilModelTest, _name, unittest.skip(_reason)(getattr(DmilModelTest, _name)))
