@@ -80,3 +80,40 @@ def test_profile_cli_train_step_writes_json(tmp_path):
     (result,) = json.loads(out.read_text())
     assert result["towers"] == "features" and result["modalities"] == ["a", "b"]
     assert set(result["step_ms"]) == {"joint", "dmil"} and result["threads"] == 1
+
+
+def test_train_torch_compile_reaches_every_stage_s_training_arguments(tmp_path, monkeypatch):
+    from dmil_hf.training import _stage_arguments, stage_plan
+
+    seen = []
+
+    def record(model, args, *rest, **kwargs):
+        seen.extend(_stage_arguments(args, stage, model, True, "eval_accuracy").torch_compile
+                    for stage in stage_plan(model, args))
+        return []
+
+    monkeypatch.setattr("dmil_hf.training.train_staged", record)
+    common = ["train", "--dataset", "synthetic", "--dataset-arg", "num_samples=120", "--stage-epochs", "1", "1", "1"]
+    assert main(common + ["--output-dir", str(tmp_path / "compiled"), "--torch-compile"]) == 0
+    assert main(common + ["--output-dir", str(tmp_path / "eager")]) == 0
+    assert seen == [True] * 3 + [False] * 3
+    saved = json.loads((tmp_path / "compiled" / "metrics.json").read_text())["settings"]
+    assert saved["torch_compile"] is True
+
+
+def test_profile_setups_time_the_main_job_on_cached_tower_outputs(tmp_path):
+    from dmil_hf.profiling import train_step_setup
+
+    out = tmp_path / "steps.json"
+    assert main(["profile", "--train-step", "--setups", "main-job", "main-job-head", "--batch-size", "4",
+                 "--repeats", "1", "--threads", "1", "--precision", "bf16", "--output", str(out)]) == 0
+    job, head = json.loads(out.read_text())
+    assert (job["towers"], job["cached"], head["cached"]) == ("main-job", ["text", "audio"], ["text", "vision", "audio"])
+    assert job["precision"] == "bf16" and job["peak_memory_mb"] is None  # peak memory is measured on CUDA only
+    assert head["samples_per_second"]["dmil"] == pytest.approx(4000 / head["step_ms"]["dmil"])
+    config, cached = train_step_setup("main-job")
+    assert config.frozen_modalities == ("text", "audio") and config.text_config.hidden_size == 384
+    with pytest.raises(ValueError, match=r"unknown train-step setup 'huge'; expected one of \['features'"):
+        train_step_setup("huge")
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'; got 'fp16'"):
+        profile_train_step(config, precision="fp16")
