@@ -117,3 +117,21 @@ def test_profile_setups_time_the_main_job_on_cached_tower_outputs(tmp_path):
         train_step_setup("huge")
     with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'; got 'fp16'"):
         profile_train_step(config, precision="fp16")
+
+
+def test_profile_scale_measures_each_method_at_each_size(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    assert main(["profile", "--scale", "60", "120", "--methods", "dmil", "--work-dir", str(tmp_path / "w"),
+                 "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [(r["rows"], r["method"], r["epochs"], r["train_rows"]) for r in results["runs"]] == [
+        (60, "dmil", 3, 42), (120, "dmil", 3, 84)]
+    assert all(r["seconds_per_epoch"] > 0 and r["peak_rss_mb"] > 100 for r in results["runs"])
+    peaks = {(r["rows"], r["method"]): r["peak_rss_mb"] for r in results["runs"]}
+    assert results["rss_growth_mb"]["dmil"]["60->120"] == pytest.approx(peaks[120, "dmil"] - peaks[60, "dmil"])
+    assert (tmp_path / "w" / "data" / "synthetic-120" / "dataset_dict.json").is_file()
+    assert "| 120 | dmil |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"sizes of at least 20 rows .* got sizes \[5\]"):
+        from dmil_hf.scale import measure_scale
+
+        measure_scale([5], ["joint"], tmp_path / "w")

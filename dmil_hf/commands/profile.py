@@ -43,7 +43,14 @@ def add_parser(subparsers):
                         "2,800 digits training rows plus 1,260 corrupted copies at batch 64)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="with --train-step: bf16 runs the forward under bfloat16 autocast (Trainer's --bf16)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--scale", nargs="+", type=int, default=None, metavar="ROWS",
+                   help="instead: train each of --methods with dmil train on synthetic-shaped feature data of these "
+                        "sizes (saved to disk), one run at a time, and report seconds per epoch and peak resident "
+                        "memory (dmil_hf.scale)")
+    p.add_argument("--work-dir", default="runs/scale",
+                   help="with --scale: folder for the saved datasets, the runs and their logs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; with --scale, each training run's, default 1)")
     p.add_argument("--output", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -56,6 +63,12 @@ def run(args) -> int:
     from ..profiling import profile_head, profile_train_step, train_step_setup
     from ..towers import tower_configs
 
+    if args.scale:
+        from ..scale import measure_scale
+
+        results = measure_scale(args.scale, args.methods, args.work_dir, args.threads or 1, args.output)
+        print(scale_summary(results))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
@@ -100,4 +113,14 @@ def train_step_summary(result: dict, first: str) -> str:
         lines.append(f"{'':>15}{m} compiled: {result['compiled_step_ms'][m]:.2f} ms a step "
                      f"({result['compile_speedup'][m]:.2f}x eager) after {result['compile_seconds'][m]:.0f} s of "
                      f"compiling: {pays}")
+    return "\n".join(lines)
+
+
+def scale_summary(results: dict) -> str:
+    """The console table of a `--scale` measurement."""
+    lines = ["| rows | method | s / epoch | peak RSS MB |", "|---|---|---|---|"]
+    lines += [f"| {r['rows']:,} | {r['method']} | {r['seconds_per_epoch']:.1f} | {r['peak_rss_mb']:.0f} |"
+              for r in results["runs"]]
+    for method, steps in results["rss_growth_mb"].items():
+        lines += [f"{method}: peak RSS {step} rows {mb:+.0f} MB" for step, mb in steps.items()]
     return "\n".join(lines)
