@@ -5,6 +5,7 @@ step of each method costs on the same towers and batch (throughput and peak memo
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 
@@ -225,7 +226,8 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     step_ms = {method: median_ms[method] for method in methods}
     first = methods[0]
-    result = {"device": str(device), "batch_size": batch_size, "steps": steps, "dmil_stage": stage,
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "batch_size": batch_size, "steps": steps, "dmil_stage": stage,
               "precision": precision, "threads": torch.get_num_threads(), "modalities": list(config.modalities),
               "cached": list(cached), "step_ms": step_ms,
               f"ratio_to_{first}": {method: ms / step_ms[first] for method, ms in step_ms.items()},

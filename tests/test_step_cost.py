@@ -2,6 +2,10 @@
 `dmil train --threads`, and `dmil profile --train-step`."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -135,3 +139,32 @@ def test_profile_scale_measures_each_method_at_each_size(tmp_path, capsys):
         from dmil_hf.scale import measure_scale
 
         measure_scale([5], ["joint"], tmp_path / "w")
+
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def run_gpu_script(*options, cwd):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    return subprocess.run(["bash", str(GPU_SCRIPT), *options], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_gpu_script_dry_run_measures_every_setup_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = run_gpu_script("--dry-run", "--steps", "1", "--batch-size", "4", "--output", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert [r["towers"] for r in results] == ["main-job-head", "main-job", "tiny"]
+    for result in results:
+        assert (result["device"], result["precision"], result["steps"], result["batch_size"]) == ("cpu", "bf16", 1, 4)
+        assert set(result["samples_per_second"]) == {"joint", "dmil"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
+def test_gpu_script_without_cuda_fails_clearly_and_writes_nothing(tmp_path):
+    done = run_gpu_script("--output", str(tmp_path / "gpu.json"), cwd=tmp_path)
+    assert done.returncode == 1 and "no CUDA device" in done.stderr and "--dry-run" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
+    done = run_gpu_script("--step", "3", cwd=tmp_path)
+    assert done.returncode == 2 and "unknown option '--step'" in done.stderr
