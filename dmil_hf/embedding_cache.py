@@ -148,15 +148,6 @@ def tower_embedding_batches(model, dataset, modality: str, device=None, batch_si
         encoders.apply_freezing()
 
 
-def compute_tower_embeddings(model, dataset, modality: str, device=None, batch_size: int = 64,
-                             show_progress: bool = True, description: str | None = None) -> np.ndarray:
-    """The pooled outputs `(rows, tower width)` (float32) of the tower of `modality` on `dataset`, in row order, as
-    one in-memory array ([`tower_embedding_batches`] put together; the cache streams them to disk instead)."""
-    width = _encoders(model).tower_width(modality)
-    batches = list(tower_embedding_batches(model, dataset, modality, device, batch_size, show_progress, description))
-    return np.concatenate(batches) if batches else np.empty((0, width), dtype=np.float32)
-
-
 def sidecar_path(path: Path) -> Path:
     """The sidecar of the entry `path` (`<modality>-<key>.json` beside `<modality>-<key>.npy`)."""
     return Path(path).with_suffix(".json")
@@ -396,6 +387,6 @@ def clear_entries(cache_dir=None, older_than_days: float | None = None) -> list[
     return deleted
 
 
-__all__ = ["CACHE_FORMAT", "cache_tower_embeddings", "clear_entries", "compute_tower_embeddings", "data_fingerprint",
+__all__ = ["CACHE_FORMAT", "cache_tower_embeddings", "clear_entries", "data_fingerprint",
            "default_cache_dir", "entry_problem", "list_entries", "read_sidecar", "sidecar_path", "tower_columns",
            "tower_embedding_batches", "tower_fingerprint", "write_entry"]

@@ -4,9 +4,12 @@ step of each method costs on the same towers and batch (throughput and peak memo
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -137,6 +140,20 @@ def train_step_setup(name: str, feature_modalities: int = 2, modalities=TOWER_MO
     return setups[name]() if name.startswith("main-job") else setups[name](modalities)
 
 
+@contextlib.contextmanager
+def _inductor_cache(folder):
+    """Inductor's on-disk cache (compiled graphs and kernels) in `folder` while the block runs."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 def _build_step(method, config, stage, device, inputs, labels, precision, compile_model=False):
     """A function that runs one training step (forward with labels under `precision`, backward, AdamW) of a new
     `method` model, seeded as every other."""
@@ -177,11 +194,13 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
     by the first method's. `precision="bf16"` runs the forward under bfloat16 autocast (as `Trainer`'s `bf16=True`).
 
     With `compile`, every method is also built again under `torch.compile` and takes its turns beside the eager ones:
-    `compiled_step_ms`, `compile_seconds` (its first step less a compiled step: the training graph's compilation,
-    forward and backward), `compile_speedup` (eager / compiled) and, where compiling saves time, `break_even_steps`
-    (steps before the compile time is earned back) and, with `steps_per_epoch`, `break_even_epochs`; None where it
-    never is. `dmil train --torch-compile` also compiles the evaluation graph and recompiles for a last, smaller
-    batch, so a run pays more than `compile_seconds`.
+    `compiled_step_ms`, `compile_speedup` (eager / compiled), `compile_seconds` (the first step less a compiled step:
+    the training graph's compilation, forward and backward, with inductor's on-disk cache empty, as at a first run),
+    `compile_seconds_warm` (the same compiled again from that cache, as a later run with the same shapes), and, where
+    compiling saves time, `break_even_steps` / `break_even_steps_warm` (steps before the compile time is earned back)
+    and, with `steps_per_epoch`, `break_even_epochs` / `break_even_epochs_warm`; None where it never is.
+    `dmil train --torch-compile` also compiles the evaluation graph and may recompile for a last, smaller batch, so a
+    run pays more than these.
 
     Returns also `samples_per_second` and, on CUDA, `peak_memory_mb`: each method's own peak of allocated memory (its
     model, optimizer state and activations) over its warm-up steps.
@@ -214,37 +233,50 @@ def profile_train_step(config, methods=("dmil", "joint"), batch_size: int = 64, 
             _elapsed(step_fns[method], device)
         if cuda:
             peak_mb[method] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    for method in methods if compile else ():
-        step_fns[(method, "compiled")] = _build_step(method, config, stage, device, inputs, labels, precision, True)
-        compile_seconds[method] = _elapsed(step_fns[(method, "compiled")], device)
-    times = {name: [] for name in step_fns}
-    for i in range(steps + 2):
-        for name, step in step_fns.items():
-            seconds = _elapsed(step, device)
-            if i >= 2:
-                times[name].append(seconds)
+    warm_seconds = {}
+    # Compiled code goes to a fresh inductor cache, kept while the steps run. Cold: the cache holds nothing of the
+    # model (a first run); warm: dynamo's in-process code reset, the model is compiled again and finds its graphs in
+    # that cache (a later run with the same shapes). A reset also drops the compiled code of the methods before, which
+    # their warm-up steps below then read back from the cache.
+    with tempfile.TemporaryDirectory(prefix="dmil-inductor-") as folder, _inductor_cache(folder):
+        for method in methods if compile else ():
+            torch._dynamo.reset()
+            compile_seconds[method] = _elapsed(
+                _build_step(method, config, stage, device, inputs, labels, precision, True), device)
+            torch._dynamo.reset()
+            step_fns[(method, "compiled")] = _build_step(method, config, stage, device, inputs, labels, precision, True)
+            warm_seconds[method] = _elapsed(step_fns[(method, "compiled")], device)
+        times = {name: [] for name in step_fns}
+        for i in range(steps + 2):
+            for name, step in step_fns.items():
+                seconds = _elapsed(step, device)
+                if i >= 2:
+                    times[name].append(seconds)
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     step_ms = {method: median_ms[method] for method in methods}
     first = methods[0]
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "batch_size": batch_size, "steps": steps, "dmil_stage": stage,
-              "precision": precision, "threads": torch.get_num_threads(), "modalities": list(config.modalities),
-              "cached": list(cached), "step_ms": step_ms,
+    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "batch_size": batch_size,
+              "steps": steps, "dmil_stage": stage, "precision": precision, "threads": torch.get_num_threads(),
+              "modalities": list(config.modalities), "cached": list(cached), "step_ms": step_ms,
               f"ratio_to_{first}": {method: ms / step_ms[first] for method, ms in step_ms.items()},
               "samples_per_second": {method: 1000 * batch_size / ms for method, ms in step_ms.items()},
               "peak_memory_mb": peak_mb or None}
     if compile:
         compiled_ms = {method: median_ms[(method, "compiled")] for method in methods}
         result["compiled_step_ms"] = compiled_ms
-        result["compile_seconds"] = {m: compile_seconds[m] - compiled_ms[m] / 1000 for m in methods}
         result["compile_speedup"] = {m: step_ms[m] / compiled_ms[m] for m in methods}
         saved = {m: (step_ms[m] - compiled_ms[m]) / 1000 for m in methods}
-        result["break_even_steps"] = {m: result["compile_seconds"][m] / saved[m] if saved[m] > 0 else None
-                                      for m in methods}
         if steps_per_epoch:
             result["steps_per_epoch"] = steps_per_epoch
-            result["break_even_epochs"] = {m: None if n is None else n / steps_per_epoch
-                                           for m, n in result["break_even_steps"].items()}
+        for suffix, first_step in (("", compile_seconds), ("_warm", warm_seconds)):
+            seconds = {m: first_step[m] - compiled_ms[m] / 1000 for m in methods}
+            steps_needed = {m: seconds[m] / saved[m] if saved[m] > 0 else None for m in methods}
+            result[f"compile_seconds{suffix}"] = seconds
+            result[f"break_even_steps{suffix}"] = steps_needed
+            if steps_per_epoch:
+                result[f"break_even_epochs{suffix}"] = {m: None if n is None else n / steps_per_epoch
+                                                        for m, n in steps_needed.items()}
     return result
 
 

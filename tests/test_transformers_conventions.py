@@ -426,7 +426,7 @@ def test_profile_train_step_compile_reports_eager_and_compiled_step_times():
     config = DmilConfig(feature_modalities={"a": 4, "b": 3}, num_labels=2, hidden_size=16)
     result = profile_train_step(config, ["joint"], batch_size=8, steps=2, compile=True, steps_per_epoch=10)
     assert result["step_ms"]["joint"] > 0 and result["compiled_step_ms"]["joint"] > 0
-    assert result["compile_seconds"]["joint"] > 0
+    assert result["compile_seconds"]["joint"] > result["compile_seconds_warm"]["joint"] > 0  # inductor's cache
     assert result["compile_speedup"]["joint"] == pytest.approx(result["step_ms"]["joint"] /
                                                                result["compiled_step_ms"]["joint"])
     saved = (result["step_ms"]["joint"] - result["compiled_step_ms"]["joint"]) / 1000

@@ -37,7 +37,8 @@ def add_parser(subparsers):
     p.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="with --train-step: DMIL's stage")
     p.add_argument("--compile", action="store_true",
                    help="with --train-step: also time each method under torch.compile (as dmil train --torch-compile "
-                        "runs it), with its compile time and the steps and epochs it takes to earn that back")
+                        "runs it), with its compile time (inductor's cache empty, then warm) and the steps and epochs "
+                        "it takes to earn that back")
     p.add_argument("--steps-per-epoch", type=int, default=64, metavar="N",
                    help="with --compile: training steps per epoch for the break-even epochs (64: make run's main job, "
                         "2,800 digits training rows plus 1,260 corrupted copies at batch 64)")
@@ -108,11 +109,13 @@ def train_step_summary(result: dict, first: str) -> str:
         lines.append("".rjust(15) + "peak memory: " + ", ".join(f"{m} {mb:.0f} MB"
                                                                for m, mb in result["peak_memory_mb"].items()))
     for m in result.get("compiled_step_ms", {}):
-        epochs = result["break_even_epochs"][m] if "break_even_epochs" in result else None
-        pays = "never pays" if epochs is None else f"pays after {epochs:.1f} epochs of {result['steps_per_epoch']} steps"
+        pays = []
+        for suffix, cache in (("", "cold"), ("_warm", "warm")):
+            epochs = result.get(f"break_even_epochs{suffix}", {}).get(m)
+            pays.append(f"{result[f'compile_seconds{suffix}'][m]:.0f} s {cache}, "
+                        + ("never pays" if epochs is None else f"pays after {epochs:.1f} epochs"))
         lines.append(f"{'':>15}{m} compiled: {result['compiled_step_ms'][m]:.2f} ms a step "
-                     f"({result['compile_speedup'][m]:.2f}x eager) after {result['compile_seconds'][m]:.0f} s of "
-                     f"compiling: {pays}")
+                     f"({result['compile_speedup'][m]:.2f}x eager); compiling {'; '.join(pays)}")
     return "\n".join(lines)
 
 
