@@ -72,8 +72,8 @@ def _with_levels(split: Dataset, levels: np.ndarray) -> Dataset:
     """`split` plus the column `modality_corruption` holding `levels` in every row, built as one Arrow array (a Python
     list per row would cost about a hundred bytes a row, and datasets would hash it for the fingerprint)."""
     column = np.broadcast_to(levels, (len(split), len(levels)))
-    content = f"{CORRUPTION_INPUT}:{len(split)}:{levels.tobytes().hex()}"
-    return with_columns(split, {CORRUPTION_INPUT: column}, fingerprint=hashlib.sha256(content.encode()).hexdigest()[:16])
+    content = f"{CORRUPTION_INPUT}:{len(split)}:{levels.tobytes().hex()}".encode()
+    return with_columns(split, {CORRUPTION_INPUT: column}, fingerprint=hashlib.sha256(content).hexdigest()[:16])
 
 
 __all__ = ["TRAINING_LEVELS", "add_training_corruption"]
