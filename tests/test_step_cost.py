@@ -168,3 +168,33 @@ def test_gpu_script_without_cuda_fails_clearly_and_writes_nothing(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
     done = run_gpu_script("--step", "3", cwd=tmp_path)
     assert done.returncode == 2 and "unknown option '--step'" in done.stderr
+
+
+def test_torch_compile_compiles_the_model_in_every_stage(tmp_path, monkeypatch):
+    """accelerate's mark of a prepared model reached the model itself under torch.compile, so stages 2 and 3 ran
+    uncompiled (a plain Trainer per stage prepares the same model again)."""
+    from transformers import TrainingArguments
+
+    from datasets import Dataset
+
+    from dmil_hf import DmilForMultimodalClassification
+    from dmil_hf.interactions import make_compute_metrics
+    from dmil_hf.training import train_staged
+
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # compiling on a CPU takes minutes: record the call, keep the model as it is
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = DmilConfig(feature_modalities={"a": 4, "b": 3}, num_labels=2, stage1_epochs=1, stage2_epochs=1,
+                        stage3_epochs=1)
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(config)
+    rows = Dataset.from_dict({"a_features": torch.randn(16, 4).numpy(), "b_features": torch.randn(16, 3).numpy(),
+                              "labels": [0, 1] * 8}).with_format("torch")
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True,
+                             disable_tqdm=True, torch_compile=True)
+    train_staged(model, args, rows, rows, compute_metrics=make_compute_metrics(), embedding_cache=False)
+    assert compiled == ["DmilForMultimodalClassification"] * 3
