@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 # One epoch per DMIL stage (three epochs for the baselines): 600,000 rows take minutes per epoch on a CPU, and the
@@ -28,13 +28,15 @@ SCALE_STAGE_EPOCHS = (1, 1, 1)
 
 
 def run_measured(cmd: list[str], log_path, env: dict | None = None) -> tuple[int, float, float]:
-    """Run `cmd` with its output in `log_path`; returns `(exit status, peak resident memory in MB, wall seconds)`
-    of that process alone (`os.wait4`)."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024.0, time.perf_counter() - start  # KiB on Linux
+    """Run `cmd` with its output in `log_path`; returns `(exit status, peak resident memory in MB, wall seconds)` of
+    that command alone. It is started through `dmil_hf/peak_rss.py`: started straight from this process, Linux would
+    count this process's own peak memory as the command's (see that file)."""
+    with tempfile.TemporaryDirectory(prefix="dmil-measure-") as folder, open(log_path, "w") as log:
+        result = Path(folder) / "usage.json"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("peak_rss.py")), str(result), *cmd],
+                       stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+        usage = json.loads(result.read_text())
+    return usage["status"], usage["peak_rss_mb"], usage["wall_seconds"]
 
 
 def scale_dataset(num_samples: int, folder) -> Path:

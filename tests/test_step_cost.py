@@ -198,3 +198,20 @@ def test_torch_compile_compiles_the_model_in_every_stage(tmp_path, monkeypatch):
                              disable_tqdm=True, torch_compile=True)
     train_staged(model, args, rows, rows, compute_metrics=make_compute_metrics(), embedding_cache=False)
     assert compiled == ["DmilForMultimodalClassification"] * 3
+
+
+def test_run_measured_reports_the_command_s_own_peak_memory(tmp_path):
+    """A command started straight from a process holding 300 MB reported those 300 MB as its own peak (Linux keeps
+    the starting process's peak across fork and exec), so the benchmark's runs all showed the benchmark's memory."""
+    from dmil_hf.scale import run_measured
+
+    held = bytearray(300 * 2 ** 20)  # pages written: resident in this process
+    held[::4096] = b"x" * len(held[::4096])
+    small = [sys.executable, "-c", "pass"]
+    status, peak_mb, seconds = run_measured(small, tmp_path / "small.log")
+    assert status == 0 and peak_mb < 100 and seconds > 0
+    big = [sys.executable, "-c", "b = bytearray(200 * 2 ** 20); b[::4096] = b'x' * len(b[::4096])"]
+    assert 200 < run_measured(big, tmp_path / "big.log")[1] < 300
+    failing = [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"]
+    assert run_measured(failing, tmp_path / "failing.log")[0] == 3 and "broken" in (tmp_path / "failing.log").read_text()
+    del held
