@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,20 +121,18 @@ def train_command(configuration, row, seed, run_dir, preset, towers="tiny", over
 def _train(configuration, row, seed, run_dir, preset, towers, threads=None, overrides=None) -> dict:
     """Run [`train_command`] in a subprocess (with `threads` torch threads); returns its metrics plus the
     subprocess's peak resident memory."""
+    from .scale import run_measured
+
     cmd = train_command(configuration, row, seed, run_dir, preset, towers, overrides)
-    log = open(Path(run_dir).with_suffix(".log"), "w")
     env = dict(os.environ, TQDM_DISABLE="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    log.close()
-    if proc.returncode != 0:
+    status, peak_mb, _ = run_measured(cmd, Path(run_dir).with_suffix(".log"), env)
+    if status != 0:
         raise RuntimeError(f"training {row} on {configuration} (seed {seed}) failed; see "
                            f"{Path(run_dir).with_suffix('.log')}")
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    metrics["peak_memory_mb"] = usage.ru_maxrss / 1024.0  # Linux reports KiB
+    metrics["peak_memory_mb"] = peak_mb
     return metrics
 
 

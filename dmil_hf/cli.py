@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from .commands import bench, estimate, evaluate, export, profile, push, train
+from .commands import bench, cache, estimate, evaluate, export, profile, push, train
 
-COMMANDS = (train, evaluate, bench, estimate, export, push, profile)
+COMMANDS = (train, evaluate, bench, estimate, export, push, profile, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

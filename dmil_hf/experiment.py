@@ -210,6 +210,7 @@ def run_training(settings: RunSettings) -> dict:
         seed=settings.seed,
         data_seed=settings.seed,
         full_determinism=settings.full_determinism,
+        torch_compile=settings.torch_compile,
         report_to=settings.report_to,
         logging_steps=10,
         save_only_model=False,

@@ -120,6 +120,12 @@ class RunSettings:
     modality_dropout: float | None = field(default=None, metadata={
         "help": "probability that a training sample loses each modality, as if missing (DmilConfig.modality_dropout; "
                 "None: the config's default, 0.1 for dmil in stages 2-3, 0 for the baselines)"})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "compile the model with torch.compile (TrainingArguments.torch_compile, inductor): the first "
+                "training and evaluation steps compile their graphs (minutes for DMIL on a CPU, seconds once "
+                "inductor's cache holds them), later steps run faster. It pays only where the time saved per step "
+                "over the run outweighs that: `dmil profile --train-step --compile` measures both (BENCHMARKS.md, "
+                "'Step cost')"})
     embedding_cache: bool = field(default=True, metadata={
         "help": "cache the pooled outputs of frozen towers (dmil_hf.embedding_cache); False: run them live",
         "options": {"--no-embedding-cache": dict(action="store_false", dest="embedding_cache", help=(

@@ -309,6 +309,10 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
             logger.info("Resume: %s already finished; reloaded its best checkpoint.", stage["name"])
             continue
         stage_args = _stage_arguments(args, stage, model, greater_is_better, f"eval_{metric}")
+        # accelerate marks what it prepared so as never to wrap it twice. Under torch.compile the mark lands on the
+        # model itself (the compiled wrapper passes attribute writes through), and every later stage's Trainer then
+        # left the model uncompiled: each stage prepares it afresh.
+        vars(model).pop("_is_accelerate_prepared", None)
         stage_train, stage_eval, cached = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset,
                                                               embedding_cache)
         trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, eval_dataset=stage_eval,

@@ -232,3 +232,164 @@ def test_lora_with_every_tower_frozen_is_refused_before_training():
     with pytest.raises(ValueError, match=r"freezes all of them \(\['text', 'audio'\]\)"):
         check_freeze_towers(RunSettings(lora=True, freeze_towers=True), ("text", "audio"))
     check_freeze_towers(RunSettings(lora=True, freeze_towers=["text"]), ("text", "audio"))  # LoRA on audio
+
+
+# --- the cache's files: memory-mapped, checked against their sidecar, rebuilt when damaged ------------------------
+
+def cache_runner(tmp_path):
+    """A function that caches a frozen text tower's outputs on fixed rows in `tmp_path` and returns the cached split
+    and the record of its one entry."""
+    tester = ModelTester(("text", "vision"))
+    model, data = build(tester, freeze_towers=["text"]), rows(tester)
+
+    def run():
+        cached, (record,) = cache_tower_embeddings(model, {"train": data}, ["text"], tmp_path, show_progress=False)
+        return cached["train"], record
+    return run
+
+
+def test_a_cached_array_is_memory_mapped_with_a_sidecar(tmp_path):
+    from dmil_hf.embedding_cache import entry_problem, read_sidecar
+
+    run = cache_runner(tmp_path)
+    first, record = run()
+    path = tmp_path / record["path"]
+    sidecar = read_sidecar(path)
+    assert sidecar["shape"] == [32, 32] and sidecar["modality"] == "text" and sidecar["split"] == "train"
+    assert sidecar["bytes"] == path.stat().st_size and entry_problem(path, (32, 32)) is None
+    second, record = run()
+    assert record["hit"]
+    # The hit is read through a memory map of the file, not copied into the process.
+    assert str(path) in open("/proc/self/maps").read()
+    torch.testing.assert_close(second[:]["text_tower_embeds"], first[:]["text_tower_embeds"])
+    torch.testing.assert_close(second[:]["text_tower_embeds"], torch.from_numpy(np.load(path)))
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda path: path.write_bytes(path.read_bytes()[:-100]), "truncated"),
+    (_flip_a_byte, "bytes changed"),
+    (lambda path: np.save(path, np.ones((64, 16), np.float32)), "shape (64, 16)"),  # as many bytes, reshaped
+    (lambda path: path.with_suffix(".json").unlink(), "sidecar"),
+], ids=["truncated", "flipped-byte", "reshaped", "no-sidecar"])
+def test_a_damaged_entry_is_named_in_a_warning_and_built_again(tmp_path, caplog, damage, reason):
+    from dmil_hf.embedding_cache import entry_problem
+
+    run = cache_runner(tmp_path)
+    first, record = run()
+    expected = first[:]["text_tower_embeds"].clone()  # `first` maps the file that the damage rewrites in place
+    path = tmp_path / record["path"]
+    good = path.read_bytes()
+    damage(path)
+    with caplog.at_level("WARNING", logger="dmil_hf.embedding_cache"):
+        again, record = run()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(path) in warning and reason in warning and "Building it again" in warning
+    assert not record["hit"] and path.read_bytes() == good and entry_problem(path, (32, 32)) is None
+    torch.testing.assert_close(again[:]["text_tower_embeds"], expected)
+
+
+def test_an_entry_of_the_wrong_shape_is_rebuilt_even_with_a_matching_sidecar(tmp_path, caplog):
+    from dmil_hf.embedding_cache import write_entry
+
+    run = cache_runner(tmp_path)
+    _, record = run()
+    path = tmp_path / record["path"]
+    write_entry(path, [np.zeros((31, 32), np.float32)], (31, 32), modality="text", split="train")
+    with caplog.at_level("WARNING", logger="dmil_hf.embedding_cache"):
+        again, record = run()
+    assert not record["hit"] and "shape (31, 32); expected (32, 32)" in caplog.text
+    assert again[:]["text_tower_embeds"].shape == (32, 32)
+
+
+def test_write_entry_refuses_a_short_stream_and_leaves_no_file(tmp_path):
+    from dmil_hf.embedding_cache import write_entry
+
+    with pytest.raises(ValueError, match=r"31 rows were written to .*x-0+\.npy'; expected 32"):
+        write_entry(tmp_path / f"x-{'0' * 32}.npy", iter([np.ones((31, 4), np.float32)]), (32, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_rebuilds_a_truncated_entry_instead_of_stopping(tmp_path, monkeypatch, caplog):
+    """`dmil train` on a cache whose array was cut short (a full disk, a killed copy) used to stop with numpy's
+    "Failed to read all data for array"."""
+    monkeypatch.setenv("DMIL_HF_CACHE", str(tmp_path / "cache"))
+    feature_rows().save_to_disk(tmp_path / "data")
+    common = ["train", "--dataset", str(tmp_path / "data"), "--stage-epochs", "1", "0", "0", "--batch-size", "16",
+              "--freeze-towers", "alpha", "--train-corruption", "0"]
+    assert main(common + ["--output-dir", str(tmp_path / "first")]) == 0
+    (entry, *_) = sorted((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))
+    entry.write_bytes(entry.read_bytes()[:200])
+    with caplog.at_level("WARNING"):
+        assert main(common + ["--output-dir", str(tmp_path / "second")]) == 0
+    assert f"Embedding cache entry {entry} is damaged" in caplog.text
+
+
+# --- dmil cache list / clear -------------------------------------------------------------------------------------
+
+def make_entries(folder, ages_in_days):
+    """One small entry per age, dated that many days back in its sidecar."""
+    import time
+
+    from dmil_hf.embedding_cache import CREATED_FORMAT, sidecar_path, write_entry
+
+    paths = []
+    for k, age in enumerate(ages_in_days):
+        path = folder / f"text-{k:032x}.npy"
+        write_entry(path, [np.full((3, 2), k, np.float32)], (3, 2), modality="text", split="train")
+        sidecar = json.loads(sidecar_path(path).read_text())
+        sidecar["created"] = time.strftime(CREATED_FORMAT, time.gmtime(time.time() - age * 86400))
+        sidecar_path(path).write_text(json.dumps(sidecar))
+        paths.append(path)
+    return paths
+
+
+def test_cache_list_shows_modality_shape_size_date_and_damage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DMIL_HF_CACHE", str(tmp_path))
+    folder = tmp_path / "embeddings"
+    assert main(["cache", "list"]) == 0
+    assert f"No entries in {folder}" in capsys.readouterr().out
+    old, new = make_entries(folder, [10, 0])
+    _flip_a_byte(new)
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"2 entries in {folder}" in out
+    lines = [line for line in out.splitlines() if ".npy" in line]
+    assert [line.split()[:3] for line in lines] == [["text", "train", "3x2"]] * 2
+    assert old.name in lines[0] and new.name in lines[1]  # oldest first
+    assert lines[0].endswith("ok") and lines[1].endswith("ok")  # without --verify the bytes are not read
+    assert main(["cache", "list", "--verify"]) == 0
+    assert "damaged: its bytes changed" in capsys.readouterr().out
+
+
+def test_cache_clear_deletes_only_the_cache_s_own_files(tmp_path, capsys):
+    import os
+    import time
+
+    folder = tmp_path / "cache"
+    old, new = make_entries(folder, [10, 0])
+    outside = tmp_path / "precious.npy"
+    outside.write_bytes(b"mine")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "sub").mkdir()
+    (folder / "sub" / f"text-{'a' * 32}.npy").write_bytes(b"mine")
+    (folder / f"text-{'b' * 32}.npy").symlink_to(outside)  # a link named like an entry: the target stays
+    killed = folder / f".text-{'c' * 32}.npy.x1y2.tmp"  # left by a write killed two days ago
+    killed.write_bytes(b"half")
+    os.utime(killed, (time.time() - 2 * 86400,) * 2)
+    writing = folder / f".text-{'d' * 32}.npy.z3.tmp"  # a run caching right now
+    writing.write_bytes(b"half")
+    assert main(["cache", "clear", "--cache-dir", str(folder), "--older-than", "-1"]) == 2
+    assert main(["cache", "clear", "--cache-dir", str(folder), "--older-than", "5"]) == 0
+    assert "Deleted 2 file(s)" in capsys.readouterr().out  # the old entry and its sidecar
+    assert not old.exists() and not old.with_suffix(".json").exists() and new.exists() and killed.exists()
+    assert main(["cache", "clear", "--cache-dir", str(folder)]) == 0
+    assert "Deleted 3 file(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", "sub", f"text-{'b' * 32}.npy",
+                                                               writing.name])
+    assert outside.read_bytes() == b"mine" and (folder / "sub" / f"text-{'a' * 32}.npy").exists()

@@ -464,14 +464,17 @@ def test_plain_trainer_on_two_named_feature_modalities(method, tmp_path):
     assert kept == {"acoustic_mfcc_features", "gaze_features", "label"}
 
 
-def test_profile_compile_reports_eager_and_compiled_step_times():
-    from dmil_hf.profiling import profile_compile
+def test_profile_train_step_compile_reports_eager_and_compiled_step_times():
+    from dmil_hf.profiling import profile_train_step
 
-    torch.manual_seed(0)
-    model = build_model("joint", DmilConfig(feature_modalities={"a": 4, "b": 3}, num_labels=2, hidden_size=16))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = profile_compile(model, batch_size=8, steps=2)
-    assert result["eager_step_ms"] > 0 and result["compiled_step_ms"] > 0 and result["compile_seconds"] > 0
-    assert result["speedup"] == pytest.approx(result["eager_step_ms"] / result["compiled_step_ms"])
-    # It trains copies: the model passed in is untouched.
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    config = DmilConfig(feature_modalities={"a": 4, "b": 3}, num_labels=2, hidden_size=16)
+    result = profile_train_step(config, ["joint"], batch_size=8, steps=2, compile=True, steps_per_epoch=10)
+    assert result["step_ms"]["joint"] > 0 and result["compiled_step_ms"]["joint"] > 0
+    assert result["compile_seconds"]["joint"] > result["compile_seconds_warm"]["joint"] > 0  # inductor's cache
+    assert result["compile_speedup"]["joint"] == pytest.approx(result["step_ms"]["joint"] /
+                                                               result["compiled_step_ms"]["joint"])
+    saved = (result["step_ms"]["joint"] - result["compiled_step_ms"]["joint"]) / 1000
+    steps = result["break_even_steps"]["joint"]
+    # Compiling pays after compile time / time saved per step, or never when it saves nothing.
+    assert steps == (pytest.approx(result["compile_seconds"]["joint"] / saved) if saved > 0 else None)
+    assert result["break_even_epochs"]["joint"] == (None if steps is None else pytest.approx(steps / 10))

@@ -31,6 +31,19 @@ def table_dataset(columns: dict, metadata: dict | None = None) -> Dataset:
     return Dataset(table, info=DatasetInfo(description=description))
 
 
+def with_columns(dataset: Dataset, columns: dict, fingerprint: str, drop=()) -> Dataset:
+    """`dataset` without the columns `drop`, plus the numpy `columns` (name -> array with one row per row), joined
+    side by side. Numeric arrays are not copied (a memory-mapped one stays on disk) nor hashed: `fingerprint` must
+    name their content, since `datasets` reuses its `map` cache files by fingerprint. The dataset's format is kept."""
+    from datasets import concatenate_datasets
+
+    added = Dataset(pa.table({name: _arrow(values) for name, values in columns.items()}), fingerprint=fingerprint)
+    kept = dataset.remove_columns(list(drop)).with_format(None)
+    merged = concatenate_datasets([kept, added], axis=1)
+    form = dataset.format
+    return merged.with_format(form["type"], **form.get("format_kwargs", {})) if form.get("type") else merged
+
+
 def split_sizes(n: int, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
     if not (0 < validation_fraction < 1 and 0 < test_fraction < 1 and validation_fraction + test_fraction < 1):
         raise ValueError(f"validation_fraction ({validation_fraction}) and test_fraction ({test_fraction}) must be in "

@@ -14,10 +14,13 @@ and the natural corruptions (blur, occlusion, background noise, word dropout) ar
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
-from datasets import Dataset, Sequence, Value, concatenate_datasets
+from datasets import Dataset, concatenate_datasets
 
 from ..configuration_dmil import CORRUPTION_INPUT, column_of
+from ._build import with_columns
 from .degrade import Degradation, degrade_split
 
 # Levels of the corrupted copies (1 = the signal replaced by noise), drawn with equal probability. The evaluation's
@@ -44,10 +47,9 @@ def add_training_corruption(split: Dataset, modalities, fraction: float = 0.15, 
         raise ValueError(f"fraction must lie in [0, 1]; got {fraction!r}.")
     if not levels or any(not 0.0 < float(level) <= 1.0 for level in levels):
         raise ValueError(f"levels must be a non-empty list of values in (0, 1]; got {levels!r}.")
-    feature = Sequence(Value("float32"), length=len(modalities))
     if CORRUPTION_INPUT in split.column_names:
         raise ValueError(f"split already has a {CORRUPTION_INPUT!r} column: it was corrupted before.")
-    parts = [split.add_column(CORRUPTION_INPUT, [[0.0] * len(modalities)] * len(split), feature=feature)]
+    parts = [_with_levels(split, np.zeros(len(modalities), dtype=np.float32))]
     count = int(round(float(fraction) * len(split)))
     rng = np.random.default_rng([seed, 7])
     for position, modality in enumerate(modalities):
@@ -60,10 +62,18 @@ def add_training_corruption(split: Dataset, modalities, fraction: float = 0.15, 
             kind = Degradation("noise") if level == 1.0 else Degradation("partial", level)
             corrupted = degrade_split(split.select(chosen), modality, kind, seed=seed + 1000 * position)
             corrupted = corrupted.cast(split.features)
-            value = [0.0] * len(modalities)
-            value[position] = float(level)
-            parts.append(corrupted.add_column(CORRUPTION_INPUT, [value] * len(corrupted), feature=feature))
+            value = np.zeros(len(modalities), dtype=np.float32)
+            value[position] = level
+            parts.append(_with_levels(corrupted, value))
     return concatenate_datasets(parts)
+
+
+def _with_levels(split: Dataset, levels: np.ndarray) -> Dataset:
+    """`split` plus the column `modality_corruption` holding `levels` in every row, built as one Arrow array (a Python
+    list per row would cost about a hundred bytes a row, and datasets would hash it for the fingerprint)."""
+    column = np.broadcast_to(levels, (len(split), len(levels)))
+    content = f"{CORRUPTION_INPUT}:{len(split)}:{levels.tobytes().hex()}".encode()
+    return with_columns(split, {CORRUPTION_INPUT: column}, fingerprint=hashlib.sha256(content).hexdigest()[:16])
 
 
 __all__ = ["TRAINING_LEVELS", "add_training_corruption"]
