@@ -16,7 +16,7 @@ Each degradation is a `Degradation` (a kind and a level) in `DEGRADATIONS`, appl
 
 `missing`, `noise` and `blank` remove what the modality says about the label (`removes_information`): the benchmark's
 attainable level applies to them. Training corruption (`dmil_hf.data.corruption`) uses the `TRAINING_KINDS` only;
-`blank` and the natural corruptions are held out (`held_out`): no method sees them in training.
+the natural corruptions are held out (`held_out`): no method sees them in training.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..configuration_dmil import TOWERS, column_of
 from .schema import inspect_dataset
 
 # Kinds used to corrupt training samples (`dmil_hf.data.corruption`); every other kind is held out of training.
-TRAINING_KINDS = ("noise", "partial")
+TRAINING_KINDS = ("noise", "partial", "blank")
 # Kinds after which the modality says nothing about the label.
 INFORMATION_REMOVING_KINDS = ("missing", "noise", "blank")
 # Which modality columns each kind applies to (`None`: every modality).
