@@ -165,8 +165,8 @@ def render_markdown(results: dict) -> str:
             row = [f"**{method}**" if method == "dmil" else method, _fmt(entry["accuracy"])]
             row += [_fmt(entry["by_interaction"].get(k)) for k in kinds]
             lines.append("| " + " | ".join(row) + " |")
-        lines += ["", "Degraded test sets (`dmil_hf.data.degrade`; the natural corruptions are held out of every "
-                  "method's training):", ""]
+        lines += ["", "Degraded test sets (`dmil_hf.data.degrade`; blank and the natural corruptions are held out of "
+                  "every method's training):", ""]
         lines += ["| method | " + " | ".join(degraded) + " |", "|" + "---|" * (len(degraded) + 1)]
         for method, entry in methods.items():
             lines.append(f"| {method} | " + " | ".join(_fmt(entry["degraded"].get(k)) for k in degraded) + " |")

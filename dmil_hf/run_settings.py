@@ -114,7 +114,7 @@ class RunSettings:
         "options": {"--freeze-towers": dict(nargs="*", metavar="MODALITY", default=None, help=_FREEZE_HELP)},
         "from_args": lambda args: False if args.freeze_towers is None else (list(args.freeze_towers) or True)})
     train_corruption: float | None = field(default=None, metadata={
-        "help": "share of training rows copied with each modality corrupted (noise, noise mixed in, or blank), so the model "
+        "help": "share of training rows copied with each modality corrupted (noise, or noise mixed in), so the model "
                 "learns to tell a broken modality from a working one (None: the method's default, 0.15 for dmil, 0 "
                 "for the baselines; 0: clean rows only)"})
     modality_dropout: float | None = field(default=None, metadata={

@@ -45,7 +45,7 @@ def test_every_degradation_name_parses_back():
 
 def test_held_out_kinds_are_not_training_kinds():
     held_out = {d.kind for d in DEGRADATIONS if d.held_out}
-    assert held_out == {"blur", "occlusion", "background", "word_dropout"}
+    assert held_out == {"blank", "blur", "occlusion", "background", "word_dropout"}
     assert not held_out & set(TRAINING_KINDS)
     assert {d.kind for d in DEGRADATIONS if d.removes_information} == {"missing", "noise", "blank"}
 
@@ -101,10 +101,7 @@ def test_training_corruption_copies_rows_with_one_modality_corrupted(synthetic):
     assert (added[:, 0] > 0).sum() == count == (added[:, 1] > 0).sum()
     a, b = (np.asarray(out[f"{m}_features"]) for m in "ab")
     clean_a = np.asarray(train["a_features"])
-    # Every training kind is drawn: blank rows (all zero) and noise rows both carry level 1.
-    blank = np.all(a[len(train):] == 0, axis=1)
-    assert blank.any() and np.all(added[blank, 0] == 1.0)
-    assert ((added[:, 0] == 1.0) & ~blank).any()
+    assert not np.all(a[len(train):] == 0, axis=1).any()  # no blank rows by default
     for row in np.flatnonzero(added[:, 0] > 0):  # b untouched, a changed, the label kept
         source = np.flatnonzero(np.all(np.asarray(train["b_features"]) == b[len(train) + row], axis=1))
         assert len(source) == 1 and not np.allclose(clean_a[source[0]], a[len(train) + row])
@@ -115,8 +112,18 @@ def test_training_corruption_copies_rows_with_one_modality_corrupted(synthetic):
         add_training_corruption(out, ["a", "b"])
     with pytest.raises(ValueError, match="no column"):
         add_training_corruption(train, ["a", "z"])
-    with pytest.raises(ValueError, match="kinds"):  # a held-out kind is refused
+    with pytest.raises(ValueError, match="kinds"):  # a natural corruption is refused
         add_training_corruption(train, ["a", "b"], degradations=[Degradation("word_dropout", 0.3)])
+
+
+def test_training_corruption_can_add_blank_copies(synthetic):
+    train = synthetic["train"]
+    out = add_training_corruption(train, ["a", "b"], fraction=0.2, degradations=[Degradation("noise"),
+                                                                                 Degradation("blank")])
+    a, levels = np.asarray(out["a_features"])[len(train):], np.asarray(out[CORRUPTION_INPUT])[len(train):]
+    blank = np.all(a == 0, axis=1)
+    assert blank.any() and np.all(levels[blank, 0] == 1.0)  # blank and noise rows both carry level 1
+    assert ((levels[:, 0] == 1.0) & ~blank).any()
 
 
 def test_corruption_levels_reach_the_model_inputs(synthetic):

@@ -15,8 +15,8 @@ Each degradation is a `Degradation` (a kind and a level) in `DEGRADATIONS`, appl
   `word_dropout` (each word dropped with probability `level`) for text.
 
 `missing`, `noise` and `blank` remove what the modality says about the label (`removes_information`): the benchmark's
-attainable level applies to them. Training corruption (`dmil_hf.data.corruption`) uses the `TRAINING_KINDS` only;
-the natural corruptions are held out (`held_out`): no method sees them in training.
+attainable level applies to them. Training corruption (`dmil_hf.data.corruption`) uses the `TRAINING_KINDS` only by
+default; `blank` and the natural corruptions are held out (`held_out`): no method sees them in training.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from PIL import Image as PILImage
 from ..configuration_dmil import TOWERS, column_of
 from .schema import inspect_dataset
 
-# Kinds used to corrupt training samples (`dmil_hf.data.corruption`); every other kind is held out of training.
-TRAINING_KINDS = ("noise", "partial", "blank")
+# Kinds `dmil_hf.data.add_training_corruption` can apply; `TRAINING_KINDS` (below) are those it applies by default:
+# every other kind is held out of training.
+CORRUPTION_KINDS = ("noise", "partial", "blank")
 # Kinds after which the modality says nothing about the label.
 INFORMATION_REMOVING_KINDS = ("missing", "noise", "blank")
 # Which modality columns each kind applies to (`None`: every modality).
@@ -82,6 +83,11 @@ DEGRADATIONS = (
     Degradation("blur", 1.5), Degradation("occlusion", 0.4), Degradation("background", 5.0),
     Degradation("background", 0.0), Degradation("word_dropout", 0.5),
 )
+# The degradations of `add_training_corruption`'s copies, drawn with equal probability (noise twice as often as each
+# partial level). The evaluation's partial levels (0.25, 0.5, 0.75) lie between them.
+TRAINING_DEGRADATIONS = (Degradation("partial", 0.4), Degradation("partial", 0.7), Degradation("noise"),
+                         Degradation("noise"))
+TRAINING_KINDS = tuple(dict.fromkeys(d.kind for d in TRAINING_DEGRADATIONS))
 MODES = ("noise", "missing")  # the kinds of the original benchmark, kept as the default of `dmil evaluate`
 
 
@@ -306,6 +312,7 @@ def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labe
     return out
 
 
-__all__ = ["DEGRADATIONS", "Degradation", "INFORMATION_REMOVING_KINDS", "MODES", "TRAINING_KINDS", "attainable_accuracy",
+__all__ = ["CORRUPTION_KINDS", "DEGRADATIONS", "Degradation", "INFORMATION_REMOVING_KINDS", "MODES",
+           "TRAINING_DEGRADATIONS", "TRAINING_KINDS", "attainable_accuracy",
            "degradation_report", "degrade_split",
            "degraded_test_sets", "parse_degraded_name"]
