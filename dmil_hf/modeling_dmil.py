@@ -1341,10 +1341,11 @@ class DmilModel(DmilPreTrainedModel):
 
 # --- the stage losses, written once ---------------------------------------------------------------------------
 # Each stage's loss is an expression over the named loss terms of `DmilForMultimodalClassification.classify`:
-# `_stage_loss` evaluates it (in exactly this order of float operations) and `describe_loss` writes it out for the
-# model card. Nodes: a term name; `_PerModality` (Σ over modalities of one or more per-modality terms, each with an
-# optional per-modality weight field); `_PerComponent` (Σ over the components); `_Sum` (left to right); `_Scaled`
-# (the product of config fields, times an expression).
+# `loss_coefficients` reads it as what it is, a weighted sum of the terms, which `evaluate_loss` computes in one
+# product (one operator call, where summing term by term took some forty, and as many autograd nodes), and
+# `describe_loss` writes it out for the model card. Nodes: a term name; `_PerModality` (Σ over modalities of one or
+# more per-modality terms, each with an optional per-modality weight field); `_PerComponent` (Σ over the components);
+# `_Sum`; `_Scaled` (the product of config fields, times an expression).
 
 
 @dataclass(frozen=True)
@@ -1382,7 +1383,7 @@ _PARSIMONY = _Scaled(("synergy_gate_penalty",), "gate_synergy")
 _LEVEL2_KL = _Sum(("kl_redundancy", _PerModality((("kl_alignment_{}", None), ("kl_unique_{}", None)))))
 _REBUILD_RELEVANT = _PerModality((("reconstruction_relevant_{}", None),))
 _COMPONENTS = _PerComponent("task_component_{}")
-# Last in every stage: with no corrupted samples its terms are exact zeros, which leave the sum bit for bit unchanged.
+# Last in every stage: with no corrupted samples its terms are exact zeros.
 _RELIABILITY = _Scaled(("reliability_loss_weight",), _PerModality((("reliability_{}", None),)))
 STAGE_LOSSES = {
     1: _Sum((_READOUT, _UNIMODAL,
@@ -1408,24 +1409,45 @@ def _coefficient(config, fields) -> float:
     return value
 
 
+def loss_coefficients(expression, config) -> dict[str, float]:
+    """A stage-loss expression (see `STAGE_LOSSES`) as the weighted sum it is: each term's coefficient by name, in
+    the order the expression names them. A term weighted 0 keeps its entry (and its parameters a place in the graph,
+    which DDP wants)."""
+    coefficients: dict[str, float] = {}
+
+    def add(node, scale):
+        if isinstance(node, str):
+            coefficients[node] = coefficients.get(node, 0.0) + scale
+        elif isinstance(node, _PerModality):
+            weights = {field: config.modality_weights(field) for _, field in node.parts if field is not None}
+            for m in config.modalities:
+                for template, field in node.parts:
+                    add(template.format(m), scale if field is None else scale * weights[field][m])
+        elif isinstance(node, _PerComponent):
+            for name in config.component_names:
+                add(node.template.format(name), scale)
+        elif isinstance(node, _Sum):
+            for part in node.parts:
+                add(part, scale)
+        else:
+            add(node.part, scale * _coefficient(config, node.fields))
+
+    add(expression, 1.0)
+    return coefficients
+
+
+@functools.lru_cache(maxsize=32)
+def _coefficient_tensor(coefficients: tuple, dtype, device) -> torch.Tensor:
+    """The coefficients as a tensor, made once per setting and device (not copied to the device at every step)."""
+    return torch.tensor(coefficients, dtype=dtype, device=device)
+
+
 def evaluate_loss(expression, terms: dict, config):
-    """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms`."""
-    if isinstance(expression, str):
-        return terms[expression]
-    if isinstance(expression, _PerModality):
-        weights = {field: config.modality_weights(field) for _, field in expression.parts if field is not None}
-
-        def part(template, field, m):
-            value = terms[template.format(m)]
-            return value if field is None else weights[field][m] * value
-
-        return sum(functools.reduce(lambda a, b: a + b, [part(t, f, m) for t, f in expression.parts])
-                   for m in config.modalities)
-    if isinstance(expression, _PerComponent):
-        return sum(terms[expression.template.format(name)] for name in config.component_names)
-    if isinstance(expression, _Sum):
-        return functools.reduce(lambda a, b: a + b, [evaluate_loss(p, terms, config) for p in expression.parts])
-    return _coefficient(config, expression.fields) * evaluate_loss(expression.part, terms, config)
+    """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms` (0-d tensors by name):
+    the terms stacked and multiplied by their `loss_coefficients` in one product."""
+    coefficients = loss_coefficients(expression, config)
+    values = torch.stack([terms[name] for name in coefficients])
+    return values @ _coefficient_tensor(tuple(coefficients.values()), values.dtype, values.device)
 
 
 def describe_loss(expression, config) -> str:
@@ -1915,5 +1937,6 @@ __all__ = [
     "drop_modalities",
     "describe_loss",
     "evaluate_loss",
+    "loss_coefficients",
     "pointwise_interaction_weights",
 ]
