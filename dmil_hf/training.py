@@ -214,6 +214,19 @@ def cached_stage_splits(model, args: TrainingArguments, stage: dict, train_datas
     return splits["train"], evals, records
 
 
+def batched_splits(train_dataset, eval_dataset) -> tuple:
+    """`(train_dataset, eval_dataset, data_collator)` with every split that can be read a batch at a time as
+    [`dmil_hf.column_batches.ColumnBatches`] (`eval_dataset` may be a dict of named splits), and the collator that
+    takes both kinds; the batches are those of the rows and `default_data_collator`."""
+    from .column_batches import collate_batches, column_batches
+
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: column_batches(split) for name, split in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = column_batches(eval_dataset)
+    return column_batches(train_dataset), eval_dataset, collate_batches
+
+
 def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
     """Load `folder/model.safetensors` into `model` key for key (`safetensors.torch.load_model`, strict: a missing or
     unexpected weight is an error that names the checkpoint)."""
@@ -315,8 +328,11 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         vars(model).pop("_is_accelerate_prepared", None)
         stage_train, stage_eval, cached = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset,
                                                               embedding_cache)
+        collator = data_collator
+        if data_collator is None:  # numeric splits are read a batch at a time (see dmil_hf.column_batches)
+            stage_train, stage_eval, collator = batched_splits(stage_train, stage_eval)
         trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, eval_dataset=stage_eval,
-                              compute_metrics=compute_metrics, data_collator=data_collator, callbacks=callbacks)
+                              compute_metrics=compute_metrics, data_collator=collator, callbacks=callbacks)
         last = last_complete_checkpoint(stage_dir) if resume and stage_dir.exists() else None
         output = trainer.train(resume_from_checkpoint=last)
         record = {
@@ -436,6 +452,7 @@ def load_lora_adapters(model, directory: str | Path) -> list[str]:
 __all__ = [
     "DmilTrainer",
     "apply_lora",
+    "batched_splits",
     "cached_stage_splits",
     "checkpoint_problem",
     "last_complete_checkpoint",
