@@ -116,6 +116,7 @@ class DmilTrainer(Trainer):
         self._term_names: tuple[str, ...] = ()
         self._term_total = None  # running sum of the current names' values, on the device
         self._term_steps = 0
+        self._parameter_count = None
 
     def _flush_terms(self):
         if self._term_total is not None:
@@ -132,10 +133,20 @@ class DmilTrainer(Trainer):
                 self._flush_terms()
                 self._term_names = names
             with torch.no_grad():
-                values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+                values = torch.stack([value.reshape(()) for value in terms.values()]).float()
                 self._term_total = values if self._term_total is None else self._term_total + values
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate for `total_flos` (6 × the main input's elements × the parameters), with the parameters
+        counted once per training run: Trainer's own counts them at every step, walking every module and parameter."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._term_steps:
