@@ -472,6 +472,7 @@ def _masked_means(values, mask):
 
 
 def _names(template: str, names) -> list[str]:
+    """The loss-term names `template.format(name)` of each modality (or component) of `names`."""
     return [template.format(name) for name in names]
 
 
@@ -1448,14 +1449,14 @@ _cached_loss_weights = functools.lru_cache(maxsize=32)(_loss_weights)
 
 def evaluate_loss(expression, terms: dict, config):
     """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms` (0-d tensors by name):
-    the terms stacked and multiplied by their `loss_coefficients` in one product. Terms the
-    expression does not name stay out of it (a NaN among them does not reach the loss)."""
+    the terms stacked and multiplied by their `loss_coefficients` in one product. Terms the expression does not name
+    stay out of it (a NaN among them does not reach the loss)."""
     coefficients = loss_coefficients(expression, config)
     names = tuple(terms)
-    values = torch.stack([terms[name] for name in names])
     missing = coefficients.keys() - set(names)
     if missing:
         raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(names)}.")
+    values = torch.stack([terms[name] for name in names])
     loss_weights = _loss_weights if torch.compiler.is_compiling() else _cached_loss_weights
     index, weights = loss_weights(names, tuple(coefficients.items()), values.dtype, values.device)
     return values.index_select(0, index) @ weights
