@@ -471,9 +471,15 @@ def _masked_means(values, mask):
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
-def _by_name(template: str, names, values) -> dict:
-    """`{template.format(name): value}` for a `(len(names),)` tensor of per-modality (or per-component) values."""
-    return dict(zip((template.format(name) for name in names), values.unbind(0)))
+def _names(template: str, names) -> list[str]:
+    """The loss-term names `template.format(name)` of each modality (or component) of `names`."""
+    return [template.format(name) for name in names]
+
+
+def _by_name(names: list, values) -> dict:
+    """`{name: value}` for a `(len(names),)` tensor of loss terms: every term cut from one vector (one autograd node,
+    not one per term)."""
+    return dict(zip(names, values.unbind(0)))
 
 
 def _stack_modalities(values: list, mask) -> torch.Tensor:
@@ -1255,7 +1261,7 @@ class DmilModel(DmilPreTrainedModel):
 
         # Redundancy: q(R | all modalities), aligned with v(R | m) for every m.
         r_sample, r_mean, r_logvar = self.redundancy(relevant_means.flatten(1))
-        kl_redundancy = config.kl_scale * masked_mean(gaussian_kl(r_mean, r_logvar), all_present)
+        kl_redundancy = gaussian_kl(r_mean, r_logvar)
         _, v_mean, v_logvar = self.redundancy_from(mu_tr, sample=False)  # (M, B, latent); only the Gaussians are used
         kl_alignment = gaussian_kl(r_mean, r_logvar, v_mean, v_logvar)
         # Missing modalities: R from the product of the present modalities' alignment Gaussians. Computed for every
@@ -1278,21 +1284,15 @@ class DmilModel(DmilPreTrainedModel):
         rebuilt_relevant = self.reconstruct_relevant(torch.cat([redundant.expand_as(u_sample), u_sample], -1))
         kl_unique = gaussian_kl(u_mean, u_logvar)
         reconstruction_relevant = (rebuilt_relevant - mu_tr).pow(2).mean(-1)
-        # Every per-modality term at once: each row `(M, B)` averaged over the samples it is computed on.
-        means = _masked_means(
-            torch.stack([kl_level1, kl_alignment, kl_unique, reconstruction, reconstruction_relevant]),
-            torch.stack([clean, all_present.expand_as(present), present, clean, present]))
-        kl_level1, kl_alignment, kl_unique = (config.kl_scale * means[:3]).unbind(0)
-        reconstruction, reconstruction_relevant = means[3:].unbind(0)
-        # The terms by name, in the order a per-modality loop would write them.
-        level1 = zip(_by_name("kl_level1_{}", modalities, kl_level1).items(),
-                     _by_name("reconstruction_{}", modalities, reconstruction).items())
-        level2 = zip(_by_name("kl_unique_{}", modalities, kl_unique).items(),
-                     _by_name("reconstruction_relevant_{}", modalities, reconstruction_relevant).items())
-        terms = dict(item for pair in level1 for item in pair)
-        terms["kl_redundancy"] = kl_redundancy
-        terms.update(_by_name("kl_alignment_{}", modalities, kl_alignment))
-        terms.update(item for pair in level2 for item in pair)
+        # Every term at once, each row `(B,)` averaged over the samples it is computed on: the per-modality ones `(M, B)`
+        # and the redundancy's KL.
+        kls = config.kl_scale * torch.cat([kl_level1, kl_alignment, kl_unique, kl_redundancy.unsqueeze(0)])
+        names = (_names("kl_level1_{}", modalities) + _names("kl_alignment_{}", modalities)
+                 + _names("kl_unique_{}", modalities) + ["kl_redundancy"] + _names("reconstruction_{}", modalities)
+                 + _names("reconstruction_relevant_{}", modalities))
+        rows = torch.cat([kls, reconstruction, reconstruction_relevant])
+        used = torch.cat([clean, all_present.expand_as(present), present, all_present.unsqueeze(0), clean, present])
+        terms = _by_name(names, _masked_means(rows, used))
         irrelevant_means = mu_ir.transpose(0, 1)
 
         # Synergy: deterministic, from one vector per modality and their pairwise element-wise products. The paper
@@ -1341,10 +1341,11 @@ class DmilModel(DmilPreTrainedModel):
 
 # --- the stage losses, written once ---------------------------------------------------------------------------
 # Each stage's loss is an expression over the named loss terms of `DmilForMultimodalClassification.classify`:
-# `_stage_loss` evaluates it (in exactly this order of float operations) and `describe_loss` writes it out for the
-# model card. Nodes: a term name; `_PerModality` (Σ over modalities of one or more per-modality terms, each with an
-# optional per-modality weight field); `_PerComponent` (Σ over the components); `_Sum` (left to right); `_Scaled`
-# (the product of config fields, times an expression).
+# `loss_coefficients` reads it as what it is, a weighted sum of the terms, which `evaluate_loss` computes in one
+# product (one operator call, where summing term by term took some forty, and as many autograd nodes), and
+# `describe_loss` writes it out for the model card. Nodes: a term name; `_PerModality` (Σ over modalities of one or
+# more per-modality terms, each with an optional per-modality weight field); `_PerComponent` (Σ over the components);
+# `_Sum`; `_Scaled` (the product of config fields, times an expression).
 
 
 @dataclass(frozen=True)
@@ -1382,7 +1383,7 @@ _PARSIMONY = _Scaled(("synergy_gate_penalty",), "gate_synergy")
 _LEVEL2_KL = _Sum(("kl_redundancy", _PerModality((("kl_alignment_{}", None), ("kl_unique_{}", None)))))
 _REBUILD_RELEVANT = _PerModality((("reconstruction_relevant_{}", None),))
 _COMPONENTS = _PerComponent("task_component_{}")
-# Last in every stage: with no corrupted samples its terms are exact zeros, which leave the sum bit for bit unchanged.
+# Last in every stage: with no corrupted samples its terms are exact zeros.
 _RELIABILITY = _Scaled(("reliability_loss_weight",), _PerModality((("reliability_{}", None),)))
 STAGE_LOSSES = {
     1: _Sum((_READOUT, _UNIMODAL,
@@ -1408,24 +1409,57 @@ def _coefficient(config, fields) -> float:
     return value
 
 
+def loss_coefficients(expression, config) -> dict[str, float]:
+    """A stage-loss expression (see `STAGE_LOSSES`) as the weighted sum it is: each term's coefficient by name, in
+    the order the expression names them. A term weighted 0 keeps its entry (and its parameters a place in the graph,
+    which DDP wants)."""
+    coefficients: dict[str, float] = {}
+
+    def add(node, scale):
+        if isinstance(node, str):
+            coefficients[node] = coefficients.get(node, 0.0) + scale
+        elif isinstance(node, _PerModality):
+            weights = {field: config.modality_weights(field) for _, field in node.parts if field is not None}
+            for m in config.modalities:
+                for template, field in node.parts:
+                    add(template.format(m), scale if field is None else scale * weights[field][m])
+        elif isinstance(node, _PerComponent):
+            for name in config.component_names:
+                add(node.template.format(name), scale)
+        elif isinstance(node, _Sum):
+            for part in node.parts:
+                add(part, scale)
+        else:
+            add(node.part, scale * _coefficient(config, node.fields))
+
+    add(expression, 1.0)
+    return coefficients
+
+
+def _loss_weights(names: tuple, coefficients: tuple, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(index, weights)`: where each term of a stage loss lies among the stacked `names`, and its coefficient."""
+    position = {name: i for i, name in enumerate(names)}
+    return (torch.tensor([position[name] for name, _ in coefficients], device=device),
+            torch.tensor([value for _, value in coefficients], dtype=dtype, device=device))
+
+
+# Made once per setting and device, not copied to the device at every step (a compiled graph holds them as constants).
+_cached_loss_weights = functools.lru_cache(maxsize=32)(_loss_weights)
+
+
 def evaluate_loss(expression, terms: dict, config):
-    """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms`."""
-    if isinstance(expression, str):
-        return terms[expression]
-    if isinstance(expression, _PerModality):
-        weights = {field: config.modality_weights(field) for _, field in expression.parts if field is not None}
-
-        def part(template, field, m):
-            value = terms[template.format(m)]
-            return value if field is None else weights[field][m] * value
-
-        return sum(functools.reduce(lambda a, b: a + b, [part(t, f, m) for t, f in expression.parts])
-                   for m in config.modalities)
-    if isinstance(expression, _PerComponent):
-        return sum(terms[expression.template.format(name)] for name in config.component_names)
-    if isinstance(expression, _Sum):
-        return functools.reduce(lambda a, b: a + b, [evaluate_loss(p, terms, config) for p in expression.parts])
-    return _coefficient(config, expression.fields) * evaluate_loss(expression.part, terms, config)
+    """The value of a stage-loss expression (see `STAGE_LOSSES`) for the loss terms `terms` (0-d tensors by name):
+    the terms stacked and multiplied by their `loss_coefficients` in one product. Terms the expression does not name
+    stay out of it (a NaN among them does not reach the loss)."""
+    coefficients = loss_coefficients(expression, config)
+    names = tuple(terms)
+    missing = coefficients.keys() - set(names)
+    if missing:
+        raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(names)}.")
+    values = torch.stack([terms[name] for name in names])
+    loss_weights = _loss_weights if torch.compiler.is_compiling() else _cached_loss_weights
+    index, weights = loss_weights(names, tuple(coefficients.items()), values.dtype, values.device)
+    return values.index_select(0, index) @ weights
 
 
 def describe_loss(expression, config) -> str:
@@ -1730,7 +1764,6 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             # component heads, each averaged over the samples it learns from.
             heads = torch.cat([gated.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
             learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
-            num = len(config.modalities)
             losses = self._task_loss(heads, labels)
             if out.synergy_pair_embeds is not None:
                 # The synergy component learns from its pooled latent and from each present pair's alone (the mean).
@@ -1738,14 +1771,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 pairs = out.synergy_pair_mask.t().to(pair_losses.dtype)
                 synergy_loss = (losses[-1] + (pair_losses * pairs).sum(0)) / (1.0 + pairs.sum(0))
                 losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
-            task_gated, unimodal, readout_losses, components = _masked_means(losses, learns.t()).split(
-                [1, num, num, num + 2])
-            terms["task_gated"] = task_gated.squeeze(0)
-            for pair in zip(_by_name("task_unimodal_{}", config.modalities, unimodal).items(),
-                            _by_name("readout_{}", config.modalities, readout_losses).items()):
-                terms.update(pair)
-            terms["gate_synergy"] = masked_mean(weights[:, -1], component_mask[:, -1])
-            terms.update(_by_name("task_component_{}", config.component_names, components))
+            # With the gate's weight on synergy (over the samples that have it): every term in one masked mean.
+            modalities = config.modalities
+            names = (["task_gated"] + _names("task_unimodal_{}", modalities) + _names("readout_{}", modalities)
+                     + _names("task_component_{}", config.component_names) + ["gate_synergy"])
+            rows = torch.cat([losses, weights[:, -1:].t().to(losses.dtype)])
+            used = torch.cat([learns, component_mask[:, -1:]], 1).t()
+            terms.update(_by_name(names, _masked_means(rows, used)))
             loss = self._stage_loss(terms, stage)
         return DmilClassifierOutput(
             loss=loss,
@@ -1915,5 +1947,6 @@ __all__ = [
     "drop_modalities",
     "describe_loss",
     "evaluate_loss",
+    "loss_coefficients",
     "pointwise_interaction_weights",
 ]

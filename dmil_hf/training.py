@@ -116,6 +116,7 @@ class DmilTrainer(Trainer):
         self._term_names: tuple[str, ...] = ()
         self._term_total = None  # running sum of the current names' values, on the device
         self._term_steps = 0
+        self._parameter_count = None
 
     def _flush_terms(self):
         if self._term_total is not None:
@@ -132,10 +133,20 @@ class DmilTrainer(Trainer):
                 self._flush_terms()
                 self._term_names = names
             with torch.no_grad():
-                values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+                values = torch.stack([value.reshape(()) for value in terms.values()]).float()
                 self._term_total = values if self._term_total is None else self._term_total + values
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Trainer's estimate for `total_flos` (6 × the main input's elements × the parameters), with the parameters
+        counted once per training run: Trainer's own counts them at every step, walking every module and parameter."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameter_count is None:
+            self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameter_count
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._term_steps:
@@ -212,6 +223,19 @@ def cached_stage_splits(model, args: TrainingArguments, stage: dict, train_datas
     else:
         evals = splits["validation"]
     return splits["train"], evals, records
+
+
+def batched_splits(train_dataset, eval_dataset) -> tuple:
+    """`(train_dataset, eval_dataset, data_collator)` with every split that can be read a batch at a time as
+    [`dmil_hf.column_batches.ColumnBatches`] (`eval_dataset` may be a dict of named splits), and the collator that
+    takes both kinds; the batches are those of the rows and `default_data_collator`."""
+    from .column_batches import collate_batches, column_batches
+
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: column_batches(split) for name, split in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = column_batches(eval_dataset)
+    return column_batches(train_dataset), eval_dataset, collate_batches
 
 
 def load_checkpoint_weights(model: torch.nn.Module, folder) -> None:
@@ -315,8 +339,11 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         vars(model).pop("_is_accelerate_prepared", None)
         stage_train, stage_eval, cached = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset,
                                                               embedding_cache)
+        collator = data_collator
+        if data_collator is None:  # numeric splits are read a batch at a time (see dmil_hf.column_batches)
+            stage_train, stage_eval, collator = batched_splits(stage_train, stage_eval)
         trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, eval_dataset=stage_eval,
-                              compute_metrics=compute_metrics, data_collator=data_collator, callbacks=callbacks)
+                              compute_metrics=compute_metrics, data_collator=collator, callbacks=callbacks)
         last = last_complete_checkpoint(stage_dir) if resume and stage_dir.exists() else None
         output = trainer.train(resume_from_checkpoint=last)
         record = {
@@ -436,6 +463,7 @@ def load_lora_adapters(model, directory: str | Path) -> list[str]:
 __all__ = [
     "DmilTrainer",
     "apply_lora",
+    "batched_splits",
     "cached_stage_splits",
     "checkpoint_problem",
     "last_complete_checkpoint",

@@ -6,7 +6,7 @@ from transformers import BertModel
 
 from dmil_hf import METHODS, DmilConfig, DmilForMultimodalClassification, build_model, get_method
 from dmil_hf.methods import Method, method_of, register_method
-from dmil_hf.modeling_dmil import STAGE_LOSSES, describe_loss, evaluate_loss
+from dmil_hf.modeling_dmil import STAGE_LOSSES, describe_loss, evaluate_loss, loss_coefficients
 from dmil_hf.towers import text_tower_config
 
 from conftest import ModelTester
@@ -117,14 +117,33 @@ def _written_out_loss(terms, config, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stage_losses_are_the_written_out_schedule_bit_for_bit(stage):
+def test_stage_losses_are_the_written_out_schedule(stage):
+    """The loss is one weighted sum of the stacked terms: the written-out schedule to float rounding, with the same
+    gradients."""
     tester = ModelTester(("text", "vision", "alpha"), level1_kl_weights=[0.3, 1.0, 2.5])
     torch.manual_seed(0)
     model = DmilForMultimodalClassification(tester.config()).set_training_stage(stage).train()
     out = model(labels=tester.labels(), **tester.inputs())
     expected = _written_out_loss(out.loss_terms, model.config, stage)
-    assert torch.equal(out.loss, expected)
-    assert torch.equal(evaluate_loss(STAGE_LOSSES[stage], out.loss_terms, model.config), expected)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(evaluate_loss(STAGE_LOSSES[stage], out.loss_terms, model.config), expected, rtol=1e-6,
+                               atol=1e-6)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    written = torch.autograd.grad(expected, parameters, retain_graph=True, allow_unused=True)
+    for got, want, p in zip(torch.autograd.grad(out.loss, parameters, allow_unused=True), written, parameters,
+                            strict=True):
+        # The written-out schedule leaves out the terms weighted 0 (the reliability heads' without corruption).
+        want = torch.zeros_like(p) if want is None else want
+        torch.testing.assert_close(torch.zeros_like(p) if got is None else got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_coefficients_weigh_each_term_as_the_schedule_does():
+    config = DmilConfig(feature_modalities={"a": 2, "b": 3}, num_labels=2, lamb=0.5, level1_kl_weights=[2.0, 3.0],
+                        stage3_reconstruction_weight=0.25)
+    coefficients = loss_coefficients(STAGE_LOSSES[3], config)
+    assert coefficients["kl_level1_a"] == 0.5 * 2.0 and coefficients["kl_level1_b"] == 0.5 * 3.0
+    assert coefficients["reconstruction_relevant_b"] == 0.25 and coefficients["task_gated"] == 1.0
+    assert "kl_level1_a" not in loss_coefficients(STAGE_LOSSES[2], config)
 
 
 def test_the_card_formula_names_each_stage_weight():

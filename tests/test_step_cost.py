@@ -57,6 +57,22 @@ def test_loss_terms_are_averaged_per_window_without_reading_each_term(tmp_path, 
     assert logged["loss_kl"] == 7.0 and "loss_task" not in logged
 
 
+def test_flops_estimate_counts_the_parameters_once(tmp_path, monkeypatch):
+    """Trainer's `total_flos` estimate, without walking every parameter at every step."""
+    from transformers import Trainer
+
+    from dmil_hf import DmilForMultimodalClassification
+
+    model = DmilForMultimodalClassification(DmilConfig(feature_modalities={"a": 3, "b": 2}, num_labels=2))
+    trainer = DmilTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to="none"))
+    inputs = {model.main_input_name: torch.zeros(8, 3), "b_features": torch.zeros(8, 2)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert expected > 0 and trainer.floating_point_ops(inputs) == expected
+    monkeypatch.setattr(type(model), "num_parameters", lambda *a, **k: pytest.fail("parameters counted again"))
+    assert trainer.floating_point_ops(inputs) == expected
+    assert trainer.floating_point_ops({"b_features": torch.zeros(8, 2)}) == 0  # no main input: no estimate
+
+
 def test_train_threads_sets_torch_threads_for_the_run(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(dmil_hf.experiment, "run_training", lambda settings: seen.setdefault("threads", torch.get_num_threads()) and {})
