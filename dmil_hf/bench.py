@@ -65,6 +65,7 @@ PRESETS = {
 # The DMIL paper's choices where the package's defaults differ (each a `DmilConfig` field). The ablation trains the
 # paper's settings, then the paper's settings with one deviation each, then the defaults.
 PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", "synergy_gate_penalty": 0.0,
+                  "synergy_subset_weight": 0.0,
                   "tower_pooling": "auto", "stage1_synergy_weight": 0.0, "reliability_gating": False,
                   "reliability_marginalization": False, "modality_dropout": 0.0, "train_corruption": 0.0}
 # Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.

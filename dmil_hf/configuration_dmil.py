@@ -179,6 +179,12 @@ class DmilConfig(PretrainedConfig):
             overall accuracy fell to 62.1 with 1.0, against 69.2-71.3 with 0.25.
         synergy_gate_penalty (`float`, defaults to 0.1): price (stages 2-3) on the gate weight of the synergy
             component, so the gate uses it only where the simpler components cannot explain the sample.
+        synergy_subset_weight (`float`, defaults to 0.0): with three or more modalities and `synergy_structure=
+            "joint"`, in training, the synergy component also predicts from each leave-one-out subset of the
+            modalities (the left-out one read as missing, one more batched pass of its MLP) and its task loss gains
+            this weight times the mean loss of those subsets (the subsets that keep two modalities). A synergy of two
+            modalities then learns to survive the loss of a third that it never needed, and to stay uncertain where
+            one it needs is gone. 0 is the paper.
         dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
         lamb (`float`, defaults to 0.2): scale of every KL / alignment term.
         kl_scale (`float`, defaults to 0.1): extra factor inside the model on every KL.
@@ -278,6 +284,7 @@ class DmilConfig(PretrainedConfig):
         synergy_source: str = "towers",
         synergy_structure: str = "joint",
         synergy_gate_penalty: float = 0.1,
+        synergy_subset_weight: float = 0.0,
         dropout: float = 0.1,
         lamb: float = 0.2,
         kl_scale: float = 0.1,
@@ -348,6 +355,9 @@ class DmilConfig(PretrainedConfig):
             raise ValueError(f"`synergy_structure` is {synergy_structure!r}; expected 'pairs' or 'joint'.")
         self.synergy_structure = synergy_structure
         self.synergy_gate_penalty = float(synergy_gate_penalty)
+        if not float(synergy_subset_weight) >= 0.0:
+            raise ValueError(f"`synergy_subset_weight` is {synergy_subset_weight!r}; expected a number >= 0.")
+        self.synergy_subset_weight = float(synergy_subset_weight)
         self.dropout = float(dropout)
         self.lamb = float(lamb)
         self.kl_scale = float(kl_scale)

@@ -94,6 +94,11 @@ class DmilModelOutput(_DmilOutput):
             order (0, 1), (0, 2), ..., (1, 2), ... of `config.modalities`.
         synergy_pair_mask (`torch.BoolTensor` of shape `(batch_size, num_pairs)`, with `synergy_structure="pairs"`):
             which pairs have both modalities present.
+        synergy_subset_embeds (`torch.FloatTensor` of shape `(batch_size, num_modalities, latent_size)`, in training
+            with `config.synergy_subset_weight > 0`): the synergy component's latent with modality `k` left out (read
+            as missing), for each `k` of `config.modalities`.
+        synergy_subset_mask (`torch.BoolTensor` of shape `(batch_size, num_modalities)`, with
+            `synergy_subset_embeds`): which of those subsets keep two present modalities.
         text_model_output / vision_model_output / audio_model_output (`ModelOutput`, returned with
             `output_hidden_states` or `output_attentions`): that transformers tower's own output (`last_hidden_state`,
             its `hidden_states`: the embeddings, then one per layer, and its `attentions`), as CLIP returns its
@@ -120,6 +125,8 @@ class DmilModelOutput(_DmilOutput):
     task_irrelevant_embeds: torch.FloatTensor | None = None
     synergy_pair_embeds: torch.FloatTensor | None = None
     synergy_pair_mask: torch.BoolTensor | None = None
+    synergy_subset_embeds: torch.FloatTensor | None = None
+    synergy_subset_mask: torch.BoolTensor | None = None
     text_model_output: ModelOutput | None = None
     vision_model_output: ModelOutput | None = None
     audio_model_output: ModelOutput | None = None
@@ -1316,8 +1323,11 @@ class DmilModel(DmilPreTrainedModel):
                 sources, mask.to(sources.dtype) if reliability is None else reliability)
         else:
             pair_embeds = pair_mask = None
-            pairs = [sources[:, i] * sources[:, j] for i in range(len(modalities)) for j in range(i + 1, len(modalities))]
-            synergistic = self.synergy(torch.cat([sources.flatten(1)] + pairs, -1))
+            synergistic = self._joint_synergy(sources)
+        subset_embeds = subset_mask = None
+        if self.training and config.synergy_subset_weight > 0 and config.synergy_structure == "joint" and (
+                len(modalities) >= 3):
+            subset_embeds, subset_mask = self._leave_one_out_synergy(sources, mask)
 
         component_embeds = torch.cat([redundant.unsqueeze(1), u_sample.transpose(0, 1), synergistic.unsqueeze(1)], 1)
         # Synergy needs two modalities, not all of them: with three, a sample missing one can still be a pair's synergy.
@@ -1336,7 +1346,25 @@ class DmilModel(DmilPreTrainedModel):
             modality_reliability=reliability,
             synergy_pair_embeds=pair_embeds,
             synergy_pair_mask=pair_mask,
+            synergy_subset_embeds=subset_embeds,
+            synergy_subset_mask=subset_mask,
         )
+
+    def _joint_synergy(self, sources):
+        """The joint synergy MLP on `(N, M, width)` per-modality vectors and their pairwise products."""
+        num = sources.shape[1]
+        products = [sources[:, i] * sources[:, j] for i in range(num) for j in range(i + 1, num)]
+        return self.synergy(torch.cat([sources.flatten(1)] + products, -1))
+
+    def _leave_one_out_synergy(self, sources, mask):
+        """`(latents (B, M, latent), valid (B, M))`: the joint synergy MLP with each modality in turn zeroed (as a
+        missing one is), in one batched pass; `valid`: the subsets that keep two present modalities."""
+        num = sources.shape[1]
+        keep = ~torch.eye(num, dtype=torch.bool, device=sources.device)  # (subsets, modalities)
+        dropped = sources.unsqueeze(0) * keep[:, None, :, None].to(sources.dtype)  # (subsets, B, M, width)
+        latents = self._joint_synergy(dropped.flatten(0, 1)).view(num, sources.shape[0], -1).transpose(0, 1)
+        valid = (mask.unsqueeze(1) & keep.unsqueeze(0)).sum(-1) >= 2
+        return latents, valid
 
 
 # --- the stage losses, written once ---------------------------------------------------------------------------
@@ -1770,6 +1798,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 pair_losses = self._task_loss(self.synergy_head(out.synergy_pair_embeds).transpose(0, 1), labels)
                 pairs = out.synergy_pair_mask.t().to(pair_losses.dtype)
                 synergy_loss = (losses[-1] + (pair_losses * pairs).sum(0)) / (1.0 + pairs.sum(0))
+                losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
+            if out.synergy_subset_embeds is not None:
+                # ... and, weighted, from the mean over the leave-one-out subsets that keep two modalities.
+                subset_losses = self._task_loss(self.synergy_head(out.synergy_subset_embeds).transpose(0, 1), labels)
+                valid = out.synergy_subset_mask.t().to(subset_losses.dtype)
+                subset_loss = (subset_losses * valid).sum(0) / valid.sum(0).clamp(min=1.0)
+                synergy_loss = losses[-1] + config.synergy_subset_weight * subset_loss
                 losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
             # With the gate's weight on synergy (over the samples that have it): every term in one masked mean.
             modalities = config.modalities
