@@ -1,9 +1,11 @@
 """Predicting by marginalising over which modalities work (`DmilConfig.reliability_marginalization`): a modality
 judged broken with probability p is missing with probability p, and the model's missing-modality path answers."""
 
+import json
+
 import torch
 
-from dmil_hf import DmilForMultimodalClassification
+from dmil_hf import DmilConfig, DmilForMultimodalClassification
 
 from conftest import ModelTester
 
@@ -72,3 +74,14 @@ def test_untrained_reliability_heads_leave_the_outputs_as_they_were():
     soft = model(**inputs)
     torch.testing.assert_close(out.logits, soft.logits, rtol=0, atol=0)
     torch.testing.assert_close(out.interaction_weights, soft.interaction_weights, atol=1e-6, rtol=0)
+
+
+def test_on_by_default_and_off_for_configs_saved_before_the_field(tmp_path):
+    config = DmilConfig(feature_modalities={"a": 3, "b": 4})
+    assert config.reliability_marginalization
+    config.save_pretrained(tmp_path)
+    assert DmilConfig.from_pretrained(tmp_path).reliability_marginalization  # saved explicitly, kept
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["reliability_marginalization"]  # as a config written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert not DmilConfig.from_pretrained(tmp_path).reliability_marginalization

@@ -70,7 +70,7 @@ def test_joint_structure_is_the_default_and_survives_a_round_trip():
     _, model = _model(synergy_structure="joint")
     assert isinstance(model.dmil.synergy, torch.nn.Sequential)
     assert model.dmil(**ModelTester(("alpha", "beta", "gamma")).inputs()).synergy_pair_embeds is None
-    assert DmilConfig().synergy_structure == "joint" and not DmilConfig().reliability_marginalization
+    assert DmilConfig().synergy_structure == "joint"
     config = DmilConfig(feature_modalities={"a": 3, "b": 4}, synergy_structure="pairs")
     assert DmilConfig.from_dict(config.to_dict()).synergy_structure == "pairs"
     with pytest.raises(ValueError, match="synergy_structure"):
