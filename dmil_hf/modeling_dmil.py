@@ -1318,16 +1318,15 @@ class DmilModel(DmilPreTrainedModel):
             sources = sources * reliability.unsqueeze(-1).to(sources.dtype)
         if config.training_stage == 1 and config.synergy_source != "towers":
             sources = sources.detach()  # the stage-1 warm-up trains the synergy head, not the towers (see the config)
+        subset_embeds = subset_mask = None
         if config.synergy_structure == "pairs":
             synergistic, pair_embeds, pair_mask = self.synergy(
                 sources, mask.to(sources.dtype) if reliability is None else reliability)
         else:
             pair_embeds = pair_mask = None
             synergistic = self._joint_synergy(sources)
-        subset_embeds = subset_mask = None
-        if self.training and config.synergy_subset_weight > 0 and config.synergy_structure == "joint" and (
-                len(modalities) >= 3):
-            subset_embeds, subset_mask = self._leave_one_out_synergy(sources, mask)
+            if self.training and config.synergy_subset_weight > 0 and len(modalities) >= 3:
+                subset_embeds, subset_mask = self._leave_one_out_synergy(sources, mask)
 
         component_embeds = torch.cat([redundant.unsqueeze(1), u_sample.transpose(0, 1), synergistic.unsqueeze(1)], 1)
         # Synergy needs two modalities, not all of them: with three, a sample missing one can still be a pair's synergy.
@@ -1726,6 +1725,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                                "interaction_weights": mix(subsets.interaction_weights),
                                "gate_weights": mix(subsets.gate_weights)})
 
+    def _synergy_view_losses(self, embeds, valid, labels):
+        """`(total, count)` per sample: the synergy head's summed task loss on the extra synergy latents `embeds`
+        `(B, V, latent)` (each pair's, or each leave-one-out subset's) where `valid` `(B, V)` holds, and how many."""
+        losses = self._task_loss(self.synergy_head(embeds).transpose(0, 1), labels)
+        valid = valid.t().to(losses.dtype)
+        return (losses * valid).sum(0), valid.sum(0)
+
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the
         training corruption levels, whose corrupted modalities the unimodal and component losses skip)."""
@@ -1795,17 +1801,13 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             losses = self._task_loss(heads, labels)
             if out.synergy_pair_embeds is not None:
                 # The synergy component learns from its pooled latent and from each present pair's alone (the mean).
-                pair_losses = self._task_loss(self.synergy_head(out.synergy_pair_embeds).transpose(0, 1), labels)
-                pairs = out.synergy_pair_mask.t().to(pair_losses.dtype)
-                synergy_loss = (losses[-1] + (pair_losses * pairs).sum(0)) / (1.0 + pairs.sum(0))
-                losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
+                total, count = self._synergy_view_losses(out.synergy_pair_embeds, out.synergy_pair_mask, labels)
+                losses = torch.cat([losses[:-1], ((losses[-1] + total) / (1.0 + count)).unsqueeze(0)], 0)
             if out.synergy_subset_embeds is not None:
                 # ... and, weighted, from the mean over the leave-one-out subsets that keep two modalities.
-                subset_losses = self._task_loss(self.synergy_head(out.synergy_subset_embeds).transpose(0, 1), labels)
-                valid = out.synergy_subset_mask.t().to(subset_losses.dtype)
-                subset_loss = (subset_losses * valid).sum(0) / valid.sum(0).clamp(min=1.0)
-                synergy_loss = losses[-1] + config.synergy_subset_weight * subset_loss
-                losses = torch.cat([losses[:-1], synergy_loss.unsqueeze(0)], 0)
+                total, count = self._synergy_view_losses(out.synergy_subset_embeds, out.synergy_subset_mask, labels)
+                subset_loss = config.synergy_subset_weight * (total / count.clamp(min=1.0))
+                losses = torch.cat([losses[:-1], (losses[-1] + subset_loss).unsqueeze(0)], 0)
             # With the gate's weight on synergy (over the samples that have it): every term in one masked mean.
             modalities = config.modalities
             names = (["task_gated"] + _names("task_unimodal_{}", modalities) + _names("readout_{}", modalities)
