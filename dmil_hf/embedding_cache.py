@@ -254,6 +254,15 @@ def entry_problem(path, expected_shape: tuple[int, int] | None = None, checksum:
     return None
 
 
+def _distributed_state():
+    """accelerate's state of this process, set up as TrainingArguments sets it up: CPU-only processes under
+    `accelerate launch` form one job only with ACCELERATE_USE_CPU (otherwise each would see a world of one and build
+    its own copy)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
 def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=None, batch_size: int = 64,
                            show_progress: bool = True) -> tuple[dict, list[dict]]:
     """
@@ -274,13 +283,10 @@ def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=No
         `(splits, records)`: the new splits, and one record per cached array (`split`, `modality`, `path`, `hit`:
         whether it was read from the cache rather than computed by this process).
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from datasets import Dataset
 
-    # As TrainingArguments sets the state up: CPU-only processes under `accelerate launch` form one job only with
-    # ACCELERATE_USE_CPU (otherwise each would see a world of one and build its own copy).
-    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = _distributed_state()
     cache_dir = Path(cache_dir)
     plans = []  # (split, modality, columns)
     for split, dataset in splits.items():
@@ -325,6 +331,30 @@ def cache_tower_embeddings(model, splits: dict, modalities, cache_dir, device=No
             records.append({"split": split, "modality": modality, "path": str(path), "hit": hit})
             logger.info("Embedding cache %s: %s tower on %s (%s).", "hit" if hit else "built", modality, split, path)
     return out, records
+
+
+def with_frozen_tower_embeddings(model, dataset, cache_dir=True):
+    """
+    `dataset` (an encoded split) with the input columns of the model's frozen towers (`config.freeze_towers`)
+    replaced by their pooled outputs from the embedding cache, computed there first if missing: what evaluation reads,
+    so that measuring a model on many variants of a test set (the degraded sets of `dmil evaluate --degraded` and
+    `dmil bench`, each leaving most modalities as they are) runs each frozen tower once per distinct input, for every
+    model that shares the tower. The predictions are those of the towers run live.
+
+    `cache_dir`: True for the default folder (`$DMIL_HF_CACHE/embeddings`), a folder, or False (the dataset as it
+    is). Models without frozen towers, and splits without a frozen tower's columns, pass through unchanged.
+    """
+    encoders = getattr(getattr(model, "base_model", model), "encoders", None)
+    frozen = list(getattr(encoders, "frozen_modalities", ()))
+    if not cache_dir or not frozen:
+        return dataset
+    # Building an entry is collective under `accelerate launch` (every process waits for the main one); evaluation
+    # runs on the main process alone, so there the towers run live.
+    if _distributed_state().num_processes > 1:
+        return dataset
+    folder = default_cache_dir() if cache_dir is True else Path(cache_dir)
+    cached, _ = cache_tower_embeddings(model, {"evaluation": dataset}, frozen, folder, show_progress=False)
+    return cached["evaluation"]
 
 
 def list_entries(cache_dir=None, checksum: bool = False) -> list[dict]:
@@ -389,4 +419,4 @@ def clear_entries(cache_dir=None, older_than_days: float | None = None) -> list[
 
 __all__ = ["CACHE_FORMAT", "cache_tower_embeddings", "clear_entries", "data_fingerprint",
            "default_cache_dir", "entry_problem", "list_entries", "read_sidecar", "sidecar_path", "tower_columns",
-           "tower_embedding_batches", "tower_fingerprint", "write_entry"]
+           "tower_embedding_batches", "tower_fingerprint", "with_frozen_tower_embeddings", "write_entry"]

@@ -114,19 +114,24 @@ def interaction_profile(weights: np.ndarray, interactions, component_names) -> d
     }
 
 
-def evaluate_model(model, processor, split, modalities=None) -> tuple[dict, dict]:
-    """Evaluate a model on a raw split in the dataset schema; returns (report, predictions)."""
+def evaluate_model(model, processor, split, modalities=None, embedding_cache=True) -> tuple[dict, dict]:
+    """Evaluate a model on a raw split in the dataset schema; returns (report, predictions). `embedding_cache`: see
+    [`evaluate_encoded`]."""
     from .preprocess import encode_split
 
     modalities = modalities or model.config.modalities
     present = [m for m in modalities if m in model.config.modalities]
-    return evaluate_encoded(model, encode_split(split, processor, present), split)
+    return evaluate_encoded(model, encode_split(split, processor, present), split, embedding_cache)
 
 
-def evaluate_encoded(model, encoded, split) -> tuple[dict, dict]:
+def evaluate_encoded(model, encoded, split, embedding_cache=True) -> tuple[dict, dict]:
     """Evaluate a model on `encoded`, the encoding of the raw `split` (which gives the labels and interaction
-    types); returns (report, predictions)."""
-    predictions = predict(model, encoded)
+    types); returns (report, predictions). Frozen towers read their pooled outputs from the embedding cache
+    (`embedding_cache`: True for the default folder, a folder, or False to run them live; see
+    `dmil_hf.embedding_cache.with_frozen_tower_embeddings`)."""
+    from .embedding_cache import with_frozen_tower_embeddings
+
+    predictions = predict(model, with_frozen_tower_embeddings(model, encoded, embedding_cache))
     labels = np.asarray(split["labels"])
     interactions = split["interaction"] if "interaction" in split.column_names else None
     return test_report(predictions["logits"], labels, interactions), predictions
@@ -240,8 +245,9 @@ def run_training(settings: RunSettings) -> dict:
     if processor is not None:
         processor.save_pretrained(output_dir)
     metrics = {"method": settings.method, "dataset": settings.dataset, "seed": settings.seed}
-    metrics["validation"], _ = evaluate_encoded(model, encoded["validation"], dsd["validation"])
-    metrics["test"], predictions = evaluate_encoded(model, encoded["test"], dsd["test"])
+    cache = settings.embedding_cache
+    metrics["validation"], _ = evaluate_encoded(model, encoded["validation"], dsd["validation"], cache)
+    metrics["test"], predictions = evaluate_encoded(model, encoded["test"], dsd["test"], cache)
     # train_seconds: all sessions of this run (an interrupted one counted up to its last saved checkpoint);
     # train_seconds_this_session: only the last one (after --resume, the resumed part).
     metrics["train_seconds"] = before + session_seconds

@@ -146,6 +146,33 @@ def test_cached_path_predicts_what_raw_inputs_predict(tmp_path):
     np.testing.assert_allclose(fast["interaction_weights"], raw["interaction_weights"], atol=1e-5, rtol=0)
 
 
+def test_evaluation_reads_frozen_towers_from_the_cache_with_the_live_predictions(tmp_path, monkeypatch):
+    from dmil_hf.experiment import evaluate_encoded
+
+    tester = ModelTester(MODALITIES)
+    model = build(tester, freeze_towers=["text", "audio"]).eval()
+    data = rows(tester, n=24)
+    live_report, live = evaluate_encoded(model, data, data, embedding_cache=False)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    report, cached = evaluate_encoded(model, data, data, embedding_cache=tmp_path)
+    np.testing.assert_allclose(cached["logits"], live["logits"], atol=1e-5, rtol=0)
+    assert report["accuracy"] == live_report["accuracy"]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npy")) == ["audio", "text"]  # frozen towers only
+
+    # A copy with only the vision degraded: the frozen towers' entries are read, not computed again.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a frozen tower ran although its outputs are cached")
+
+    other = rows(tester, n=24, seed=1)
+    noised = data.remove_columns("vision_pixel_values").add_column(
+        "vision_pixel_values", other.with_format(None)["vision_pixel_values"]).with_format("torch")
+    for modality in ("text", "audio"):
+        monkeypatch.setattr(model.dmil.encoders.towers[modality], "forward", refuse)
+    _, on_noised = evaluate_encoded(model, noised, noised, embedding_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert not np.allclose(on_noised["logits"], live["logits"])  # the vision did change
+
+
 # --- the cache: hit, miss when the tower or the data change ----------------------------------------------------
 
 def test_cache_hits_on_the_second_run_and_misses_after_a_change(tmp_path):
@@ -220,7 +247,8 @@ def test_cli_freeze_towers_caches_under_the_cache_root(tmp_path, monkeypatch, ca
     stages = {run: json.loads((tmp_path / run / "metrics.json").read_text())["stages"] for run in ("first", "second")}
     assert [c["hit"] for c in stages["first"][0]["embedding_cache"]] == [False, False]
     assert all(c["hit"] for s in stages["second"] for c in s["embedding_cache"] if c["modality"] == "alpha")
-    assert len(list((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))) == 2  # train and validation
+    # train and validation (training), test (the final evaluation reads the cache too)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))) == 3
     saved = DmilConfig.from_pretrained(tmp_path / "second")
     assert saved.frozen_modalities == ("alpha",)
 

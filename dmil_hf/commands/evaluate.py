@@ -22,6 +22,9 @@ def add_parser(subparsers):
                         "all: missing, noise, blank, partial, blur, occlusion, background, word_dropout)")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model>/eval_<dataset>_<split>.json)")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; only if you trust them")
+    p.add_argument("--no-embedding-cache", action="store_false", dest="embedding_cache",
+                   help="run frozen towers live on every split instead of reading their pooled outputs from the "
+                        "embedding cache (same result, slower: with --degraded each tower then runs on every copy)")
     add_dataset_arg_option(p)
     p.set_defaults(func=run)
     return p
@@ -57,7 +60,7 @@ def run(args) -> int:
         print(f"dmil evaluate: warning: {note}.", file=sys.stderr)
     needs_processor = any(m in TOWERS for m in shared)
     processor = AutoProcessor.from_pretrained(args.model) if needs_processor else None
-    report, _ = evaluate_model(model, processor, dsd[args.split], shared)
+    report, _ = evaluate_model(model, processor, dsd[args.split], shared, args.embedding_cache)
     name = Path(args.dataset).name or args.dataset
     output = Path(args.output) if args.output else Path(args.model) / f"eval_{name}_{args.split}.json"
     if args.kinds and not args.degraded:
@@ -70,7 +73,7 @@ def run(args) -> int:
         if unknown:
             raise ValueError(f"--kinds {unknown} unknown; expected some of {kinds}.")
         report["degraded"] = degradation_report(
-            lambda split: evaluate_model(model, processor, split, shared)[0], dsd, args.split,
+            lambda split: evaluate_model(model, processor, split, shared, args.embedding_cache)[0], dsd, args.split,
             num_labels=model.config.num_labels, modalities=shared, clean=report,
             degradations=[d for d in DEGRADATIONS if not args.kinds or d.kind in args.kinds])
     result = {"test": report, "modalities_used": shared}
