@@ -76,8 +76,9 @@ _STANDARD_CONFIG_KEYS = frozenset({
 # True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
 _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
 # Fields whose default changed, with the value that configs saved before the field existed get (the behaviour they
-# were saved with): `reliability_marginalization` became the default after it had been an opt-in field.
-_DEFAULTS_BEFORE = {"reliability_marginalization": False}
+# were saved with): `reliability_marginalization` became the default after it had been an opt-in field, and the synergy
+# MLP's width had been `hidden_size` before `synergy_hidden_size` existed.
+_DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None}
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -150,6 +151,8 @@ class DmilConfig(PretrainedConfig):
         latent_size (`int`, defaults to 32): width of every latent (task-relevant/-irrelevant, R, U, S).
         feature_hidden_size (`int`, defaults to 128): hidden width of the built-in feature towers.
         gate_hidden_size (`int`, defaults to 64): hidden width of the per-sample gate.
+        synergy_hidden_size (`int`, *optional*): hidden width of the synergy component's MLP (each pair's with
+            `synergy_structure="pairs"`); `None`: `hidden_size` (configs saved before this field existed).
         tower_pooling (`str`, defaults to `"mean"`): `"mean"` takes the masked mean of `last_hidden_state`
             (spatial mean for convolutional towers); `"auto"` uses `pooler_output` when a tower has one, else the
             mean; `"cls"` the first token. The mean is the default because it trains randomly initialised towers far
@@ -287,6 +290,7 @@ class DmilConfig(PretrainedConfig):
         latent_size: int = 32,
         feature_hidden_size: int = 128,
         gate_hidden_size: int = 64,
+        synergy_hidden_size: int | None = None,
         tower_pooling: str = "mean",
         synergy_source: str = "towers",
         synergy_structure: str = "joint",
@@ -349,13 +353,15 @@ class DmilConfig(PretrainedConfig):
         if training_stage not in (1, 2, 3):
             raise ValueError(f"`training_stage` is {training_stage!r}; expected 1, 2 or 3.")
         for field, value in (("hidden_size", hidden_size), ("latent_size", latent_size),
-                             ("feature_hidden_size", feature_hidden_size), ("gate_hidden_size", gate_hidden_size)):
+                             ("feature_hidden_size", feature_hidden_size), ("gate_hidden_size", gate_hidden_size),
+                             ("synergy_hidden_size", 1 if synergy_hidden_size is None else synergy_hidden_size)):
             if int(value) < 1:
                 raise ValueError(f"`{field}` is {value}; expected a positive integer.")
         self.hidden_size = int(hidden_size)
         self.latent_size = int(latent_size)
         self.feature_hidden_size = int(feature_hidden_size)
         self.gate_hidden_size = int(gate_hidden_size)
+        self.synergy_hidden_size = None if synergy_hidden_size is None else int(synergy_hidden_size)
         self.tower_pooling = tower_pooling
         self.synergy_source = synergy_source
         if synergy_structure not in ("pairs", "joint"):

@@ -1130,10 +1130,11 @@ class DmilModel(DmilPreTrainedModel):
             self.synergy_projections = nn.ModuleDict({
                 m: nn.Sequential(nn.Linear(self.encoders.tower_width(m), hidden), nn.LayerNorm(hidden))
                 for m in modalities})
+        synergy_hidden = config.synergy_hidden_size or config.hidden_size
         if config.synergy_structure == "pairs":
-            self.synergy = DmilPairwiseSynergy(num, width, config.hidden_size, latent)
+            self.synergy = DmilPairwiseSynergy(num, width, synergy_hidden, latent)
         else:
-            self.synergy = _mlp((num + num_pairs) * width, config.hidden_size, latent)
+            self.synergy = _mlp((num + num_pairs) * width, synergy_hidden, latent)
         if config.reliability_gating:
             self.reliability = DmilReliability({m: self.encoders.tower_width(m) for m in modalities}, hidden)
         self.post_init()
