@@ -2,6 +2,8 @@
 modalities, the joint synergy MLP also predicts with each modality left out (as a missing one is read), and its task
 loss gains the weighted mean of those subsets' losses."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,14 @@ def test_the_synergy_loss_adds_the_weighted_mean_of_the_subsets():
     torch.testing.assert_close(out.loss_terms["task_component_synergy"], full + 0.5 * left_out)
 
 
-def test_off_by_default_in_eval_and_with_two_modalities():
-    assert DmilConfig().synergy_subset_weight == 0.0
+def test_on_by_default_off_in_eval_and_with_two_modalities(tmp_path):
+    assert DmilConfig().synergy_subset_weight == 2.0
+    DmilConfig(feature_modalities={"a": 3, "b": 4}).save_pretrained(tmp_path)
+    assert DmilConfig.from_pretrained(tmp_path).synergy_subset_weight == 2.0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["synergy_subset_weight"]  # as a config written before the field existed: the paper's 0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert DmilConfig.from_pretrained(tmp_path).synergy_subset_weight == 0.0
     tester, model = _model(synergy_subset_weight=0.0)
     assert model.dmil(**tester.inputs()).synergy_subset_embeds is None
     tester, model = _model()

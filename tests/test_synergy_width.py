@@ -14,7 +14,10 @@ def _synergy_width(model):
     return model.dmil.synergy[0].out_features
 
 
-def test_the_synergy_mlp_has_its_own_width():
+def test_the_synergy_mlp_has_its_own_width(tmp_path):
+    assert DmilConfig().synergy_hidden_size == 256
+    DmilConfig(feature_modalities={"a": 3, "b": 4}).save_pretrained(tmp_path)
+    assert DmilConfig.from_pretrained(tmp_path).synergy_hidden_size == 256
     tester = ModelTester(("alpha", "beta", "gamma"))
     model = DmilForMultimodalClassification(tester.config(synergy_hidden_size=40))
     assert _synergy_width(model) == 40
