@@ -290,12 +290,50 @@ def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(ROWS), seeds=None
                "summary": summarize(runs), "reference_readout": reference,
                "ablation": {"variants": variants, "seeds": preset["ablation_seeds"], "runs": ablation_runs,
                             "summary": summarize_ablation(ablation_runs)} if variants else None}
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return _write_results(results, output_dir)
+
+
+def _write_results(results: dict, output_dir: Path) -> dict:
+    """`results.json`, `results.md` (tables and targets) and the plots in `output_dir`."""
     from .bench_report import render_markdown, render_plots
 
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(render_markdown(results))
     render_plots(results, output_dir)
     return results
+
+
+def combine_results(paths, output_dir) -> dict:
+    """
+    One benchmark from several runs' `results.json` (e.g. DMIL trained again after a change of its defaults, beside
+    the baselines of an earlier run): every run of every file, where two files hold the same (configuration, row,
+    seed) the later file's; summarised and written to `output_dir` as [`run_benchmark`] writes them. The
+    ablation is not combined (it stays in each file). Each file's `runs` are kept as they were measured, so say which
+    code made each when quoting the tables.
+    """
+    runs, reference, sources = {}, {}, []
+    for path in paths:
+        path = Path(path)
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read benchmark results {str(path)!r}: {err}") from None
+        if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+            raise ValueError(f"{str(path)!r} is not a `dmil bench` results.json (it has no list of runs).")
+        for run in results["runs"]:
+            runs[(run["dataset"], run["method"], run["seed"])] = run
+        reference.update(results.get("reference_readout") or {})
+        sources.append({"path": str(path), "mode": results.get("mode"), "towers": results.get("towers")})
+    if len({(s["mode"], s["towers"]) for s in sources}) > 1:
+        raise ValueError(f"the results to combine were measured in different modes or with different towers: "
+                         f"{sources}; combine runs of one kind only.")
+    combined = list(runs.values())
+    results = {"mode": sources[0]["mode"], "towers": sources[0]["towers"],
+               "seeds": max(r["seed"] for r in combined) + 1 if combined else 0, "jobs": None, "runs": combined,
+               "summary": summarize(combined), "reference_readout": reference, "ablation": None,
+               "combined_from": sources}
+    return _write_results(results, Path(output_dir))
 
 
 def _mean_std(values):

@@ -143,12 +143,16 @@ def _ablation_section(ablation: dict | None) -> list[str]:
 
 def render_markdown(results: dict) -> str:
     summary = results["summary"]
+    jobs = results.get("jobs") or 1
+    if results.get("combined_from"):
+        origin = ("Combined by `dmil bench --combine " + " ".join(s["path"] for s in results["combined_from"])
+                  + "` (where two files hold the same run, the later one's).")
+    else:
+        origin = ("Command: " f"`dmil bench{' --quick' if results['mode'] == 'quick' else ''} --seeds {results['seeds']}"
+                  f"{' --jobs ' + str(jobs) if jobs > 1 else ''}`"
+                  + (" (training times are under the shared load of parallel runs)." if jobs > 1 else "."))
     lines = [f"# DMIL benchmark ({results['mode']} run, {results['towers']} towers, {results['seeds']} seed(s))", "",
-             "Mean ± std over seeds. Accuracies in %. Command: "
-             f"`dmil bench{' --quick' if results['mode'] == 'quick' else ''} --seeds {results['seeds']}"
-             f"{' --jobs ' + str(results['jobs']) if results.get('jobs', 1) > 1 else ''}`"
-             + (" (training times are under the shared load of parallel runs)." if results.get("jobs", 1) > 1 else "."),
-             ""]
+             "Mean ± std over seeds. Accuracies in %. " + origin, ""]
     for dataset, methods in summary.items():
         first = next(iter(methods.values()))
         kinds = sorted(first["by_interaction"])

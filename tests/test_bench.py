@@ -96,6 +96,36 @@ def test_report_and_plots(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
+def test_combine_takes_the_later_file_s_run_of_the_same_row_and_seed(tmp_path):
+    from dmil_hf.cli import main
+
+    def write(name, runs_):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"mode": "full", "towers": "tiny", "runs": runs_, "reference_readout": {}}))
+        return path
+
+    earlier = write("earlier", runs())
+    again = [fake_run("dmil", 0, 0.96, 0.80, 0.80, PROFILE), fake_run("dmil", 1, 0.98, 0.80, 0.84, PROFILE)]
+    later = write("later", again)
+    assert main(["bench", "--combine", str(earlier), str(later), "--output-dir", str(tmp_path / "both")]) == 0
+    combined = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert len(combined["runs"]) == 6 and combined["seeds"] == 2
+    summary = combined["summary"]["synthetic"]
+    assert summary["dmil"]["accuracy"]["mean"] == pytest.approx(0.97)  # the later file's DMIL runs
+    assert summary["joint"]["accuracy"]["mean"] == pytest.approx(0.87)  # the earlier file's baselines
+    text = (tmp_path / "both" / "results.md").read_text()
+    assert f"Combined by `dmil bench --combine {earlier} {later}`" in text
+    assert (tmp_path / "both" / "accuracy_synthetic.png").exists()
+    quick = write("quick", [{**r, "seed": 5} for r in runs()])
+    quick.write_text(json.dumps({**json.loads(quick.read_text()), "mode": "quick"}))
+    with pytest.raises(ValueError, match="different modes or with different towers"):
+        bench.combine_results([earlier, quick], tmp_path / "mixed")
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a `dmil bench` results.json"):
+        bench.combine_results([tmp_path / "broken.json"], tmp_path / "mixed")
+
+
 def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
     """DMIL, the joint-with-robustness-training row and the DMIL ablation on a small `synthetic`, trained two at a
     time in `dmil train` subprocesses."""

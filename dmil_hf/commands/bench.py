@@ -21,13 +21,20 @@ def add_parser(subparsers):
                    help="training runs at once, each with an equal share of the cores (train times are then shared-load times)")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip the ablation (DMIL with the paper's settings and with each of the package's deviations)")
+    p.add_argument("--combine", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: combine the runs of these results.json files (a later file's run replaces an "
+                        "earlier one's of the same configuration, row and seed) into --output-dir")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..bench import run_benchmark
+    from ..bench import combine_results, run_benchmark
 
+    if args.combine:
+        results = combine_results(args.combine, args.output_dir)
+        print(f"dmil bench: combined {len(results['runs'])} runs into {args.output_dir}/results.md")
+        return 0 if results["runs"] else 1
     results = run_benchmark(args.output_dir, args.datasets, args.methods, args.seeds, args.quick, args.towers,
                             args.jobs, ablation=not args.no_ablation)
     from pathlib import Path
