@@ -161,7 +161,8 @@ class DmilConfig(PretrainedConfig):
             -> 89.4, the text's validation gaps missing / noise / blank 3.3 / 4.1 / 3.4 -> 1.7 / 2.8 / 1.3 points;
             `synthetic3` validation 96.6 -> 96.4, test 95.9 -> 96.4, a lost third modality's test gaps missing /
             noise / blank 7.6 / 10.2 / 16.1 -> 4.3 / 6.7 / 9.9; `synthetic` (two modalities: the width alone)
-            validation 98.2 -> 98.5, test 96.9 -> 97.5. It costs a few multiply-adds per sample next to the towers.
+            validation 98.2 -> 98.5, test 96.9 -> 97.5. Together they make a bare training step on feature data
+            about 10% slower (BENCHMARKS.md, "Round 4").
         tower_pooling (`str`, defaults to `"mean"`): `"mean"` takes the masked mean of `last_hidden_state`
             (spatial mean for convolutional towers); `"auto"` uses `pooler_output` when a tower has one, else the
             mean; `"cls"` the first token. The mean is the default because it trains randomly initialised towers far
