@@ -344,9 +344,10 @@ class DmilLabelPrior(nn.Module):
 
 class DmilReliability(nn.Module):
     """
-    Per-sample, per-modality reliability: a small head on each tower's pooled output (detached: it learns from the
-    towers, never shapes them) gives the probability that the modality works, trained with binary cross-entropy
-    against `1 - modality_corruption` on the corrupted training samples of `dmil_hf.data.add_training_corruption`.
+    Per-sample, per-modality reliability: a small head on each tower's pooled output gives the probability that the
+    modality works, trained with binary cross-entropy against `1 - modality_corruption` on the corrupted training
+    samples of `dmil_hf.data.add_training_corruption`. It reads the outputs detached, except that the corrupted rows'
+    loss sends `tower_gradient` times its gradient into the towers (`DmilConfig.reliability_tower_gradient`).
     Until it has seen such samples in training (the `calibrated` buffer, saved with the model) it returns 1 for every
     present modality, so a model trained without corruption behaves as before. Absent modalities get 0.
     """
@@ -356,13 +357,21 @@ class DmilReliability(nn.Module):
         self.heads = nn.ModuleDict({m: _mlp(width, hidden_size, 1) for m, width in widths.items()})
         self.register_buffer("calibrated", torch.zeros(()))
 
-    def forward(self, pooled: dict, mask, corruption=None):
+    def forward(self, pooled: dict, mask, corruption=None, tower_gradient: dict | None = None):
         """`(reliability (B, M) detached, loss terms)` from the pooled tower outputs (a dict over the modalities
-        present), the presence mask and the training corruption levels `(B, M)` (None at inference)."""
+        present), the presence mask, the training corruption levels `(B, M)` (None at inference) and the factor on the
+        gradient the corrupted rows send into each modality's tower (a dict; absent: none)."""
         names = list(self.heads)
         reference = next(iter(pooled.values()))
-        logits = torch.stack([self.heads[m](pooled[m].detach()).squeeze(-1) if m in pooled
-                              else reference.new_zeros(reference.shape[0]) for m in names], 1).float()
+
+        def head_input(i, m):
+            factor = (tower_gradient or {}).get(m, 0.0)
+            if factor == 0.0 or corruption is None:
+                return pooled[m].detach()
+            return scale_gradient(pooled[m], (factor * (corruption[:, i:i + 1] > 0)).to(pooled[m].dtype))
+
+        logits = torch.stack([self.heads[m](head_input(i, m)).squeeze(-1) if m in pooled
+                              else reference.new_zeros(reference.shape[0]) for i, m in enumerate(names)], 1).float()
         terms = {}
         for i, m in enumerate(names):
             if corruption is None:  # no target: a zero that keeps the heads in the graph (DDP wants every parameter)
@@ -494,6 +503,17 @@ def _stack_modalities(values: list, mask) -> torch.Tensor:
     reference = next(v for v in values if v is not None)
     stacked = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in values], 1)
     return stacked * mask.unsqueeze(-1).to(stacked.dtype)
+
+
+def scale_gradient(tensor, scale):
+    """`tensor` in the forward pass, its gradient multiplied by `scale` (a number, or a tensor that broadcasts, e.g.
+    one factor per row) in the backward pass; a number 0 detaches it."""
+    if isinstance(scale, (int, float)):
+        if scale == 1.0:
+            return tensor
+        if scale == 0.0:
+            return tensor.detach()
+    return tensor * scale + tensor.detach() * (1.0 - scale)
 
 
 def _mlp(input_size: int, hidden_size: int, output_size: int) -> nn.Sequential:
@@ -1153,10 +1173,7 @@ class DmilModel(DmilPreTrainedModel):
             if m not in pooled:
                 views.append(None)
                 continue
-            tower = pooled[m]
-            if scale != 1.0:
-                tower = tower.detach() if scale == 0.0 else tower * scale + tower.detach() * (1.0 - scale)
-            views.append(self.encoders.dropout(self.synergy_projections[m](tower)))
+            views.append(self.encoders.dropout(self.synergy_projections[m](scale_gradient(pooled[m], scale))))
         views = _stack_modalities(views, mask)
         # An unreliable modality is read as a missing one (whose view is zero), smoothly.
         return views if reliability is None else views * reliability.unsqueeze(-1).to(views.dtype)
@@ -1199,7 +1216,11 @@ class DmilModel(DmilPreTrainedModel):
             mask = drop_modalities(mask, self.config.modality_dropout_probability)
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         if hasattr(self, "reliability"):
-            reliability, reliability_terms = self.reliability(pooled, mask, corruption)
+            # Transformer towers only: a built-in feature tower shaped to flag noise read partly noised vectors worse.
+            config = self.config
+            factor = config.reliability_tower_gradient if config.training_stage == 3 else 0.0
+            tower_gradient = {m: factor for m in config.modalities if m not in config.feature_modalities}
+            reliability, reliability_terms = self.reliability(pooled, mask, corruption, tower_gradient)
         else:  # the stage losses read these terms; without reliability heads they are zero
             reliability, reliability_terms = None, {f"reliability_{m}": embeds.new_zeros(()) for m in self.config.modalities}
         synergy_embeds = (self.synergy_inputs(pooled, mask, reliability) if self.config.synergy_source == "towers"
@@ -1557,7 +1578,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         "level1": "towers and projections, level 1 (task-relevant / -irrelevant latents), unimodal heads",
         "level2": "level 2 (redundancy, uniqueness), their component heads, the gate",
         "synergy": "the synergy component and its head (in stage 1 a warm-up on detached inputs)",
-        "readout": "the readout's modality heads and the reliability heads (on detached embeddings)",
+        "readout": "the readout's modality heads (on detached embeddings) and the reliability heads",
     }
 
     def stage_modules(self) -> dict[str, list[nn.Module]]:

@@ -264,6 +264,81 @@ def test_corrupted_samples_train_the_gate_not_the_components():
     assert heads > 0.0 and gate > 0.0
 
 
+def test_reliability_tower_gradient_comes_from_corrupted_rows_in_stage_3_only():
+    """The reliability loss reaches a text, image or audio tower that trains through the corrupted rows only, scaled
+    by `reliability_tower_gradient`, and only in stage 3; 0 keeps the heads on detached outputs; feature towers never
+    get it."""
+    tester = ModelTester(("text", "alpha"), batch_size=8)
+    inputs = tester.inputs()
+    corruption = torch.zeros(8, 2)
+    corruption[:3] = 1.0
+
+    def tower_gradient(factor, stage, corruption, modality="text"):
+        torch.manual_seed(0)
+        model = DmilForMultimodalClassification(tester.config(reliability_tower_gradient=factor)).train()
+        model.set_training_stage(stage)
+        out = model.dmil(**inputs, modality_corruption=corruption, return_dict=True)
+        out.loss_terms[f"reliability_{modality}"].backward()
+        tower = model.dmil.encoders.towers[modality]
+        return sum(float(p.grad.abs().sum()) for p in tower.parameters() if p.grad is not None), model
+
+    half, _ = tower_gradient(0.5, 3, corruption)
+    full, _ = tower_gradient(1.0, 3, corruption)
+    assert half > 0 and half == pytest.approx(full / 2, rel=1e-4)
+    assert tower_gradient(0.0, 3, corruption)[0] == 0.0
+    assert tower_gradient(1.0, 2, corruption)[0] == 0.0  # towers are frozen in stage 2 ...
+    assert tower_gradient(1.0, 1, corruption)[0] == 0.0  # ... and read detached in stage 1
+    assert tower_gradient(1.0, 3, torch.zeros(8, 2))[0] == 0.0  # clean rows send nothing
+    assert tower_gradient(1.0, 3, corruption, "alpha")[0] == 0.0  # nor does a feature tower
+
+
+def test_reliability_tower_gradient_defaults_to_detached_for_configs_saved_before_it():
+    from dmil_hf import DmilConfig
+
+    assert DmilConfig().reliability_tower_gradient == 0.25
+    saved = DmilConfig().to_dict()
+    saved.pop("reliability_tower_gradient")
+    assert DmilConfig.from_dict(saved).reliability_tower_gradient == 0.0
+    with pytest.raises(ValueError, match="reliability_tower_gradient"):
+        DmilConfig(reliability_tower_gradient=1.5)
+
+
+def test_gap_on_a_dataset_without_metadata_uses_the_majority_label_and_leaves_synergy_out():
+    """A dataset of one's own (no Bayes metadata), three modalities, imbalanced labels: a type that needs the lost
+    modality falls to its most frequent label's share (not 1 / num_labels), and synergy, whose modalities nobody
+    named, is left out of both sides of the gap."""
+    from dmil_hf.data.degrade import degradation_report
+
+    types = ["redundancy"] * 4 + ["unique_a"] * 4 + ["unique_b"] * 4 + ["unique_c"] * 4 + ["synergy"] * 4
+    labels = [0, 1, 2, 3] + [0, 0, 0, 1] + [0, 1, 2, 3] * 2 + [0, 1, 2, 3]
+    rows = {"labels": labels, "interaction": types,
+            **{f"{m}_features": np.random.default_rng(0).normal(size=(20, 3)).astype("float32") for m in "abc"}}
+    dsd = DatasetDict({k: Dataset.from_dict(rows) for k in ("train", "validation", "test")})
+    clean_by_type = {"redundancy": 1.0, "unique_a": 1.0, "unique_b": 1.0, "unique_c": 1.0, "synergy": 0.5}
+
+    def evaluate(split):  # a model that loses unique_a (to 0.5), unique_b (to 0.25) and synergy with either
+        by_type = dict(clean_by_type)
+        if "a_features" not in split.column_names:
+            by_type.update(unique_a=0.5, synergy=0.0)
+        if "b_features" not in split.column_names:
+            by_type.update(unique_b=0.25, synergy=0.0)
+        return {"accuracy": float(np.mean([by_type[t] for t in split["interaction"]])), "by_interaction": by_type}
+
+    report = degradation_report(evaluate, dsd, num_labels=4, degradations=(Degradation("missing"),))
+    assert report["gap_excludes"] == ["synergy"]
+    # unique_a's most frequent label covers 3 of its 4 rows: attainable (1 + 0.75 + 1 + 1) / 4, accuracy
+    # (1 + 0.5 + 1 + 1) / 4; synergy (0 with a missing) counts on neither side
+    assert report["attainable"]["missing_a"] == pytest.approx(3.75 / 4)
+    assert report["gap"]["missing_a"] == pytest.approx(0.25 / 4)
+    assert report["gap"]["missing_b"] == pytest.approx(0.0)  # unique_b's labels are balanced: 0.25 is its best
+    # two modalities: synergy needs both, stays in, and falls to its own best constant guess
+    two = DatasetDict({k: v.remove_columns("c_features").filter(lambda r: r["interaction"] != "unique_c")
+                       for k, v in dsd.items()})
+    report = degradation_report(evaluate, two, num_labels=4, degradations=(Degradation("missing"),))
+    assert "gap_excludes" not in report
+    assert report["attainable"]["missing_a"] == pytest.approx((1 + 0.75 + 1 + 0.25) / 4)
+
+
 def test_corruption_input_shape_is_checked():
     tester = _features_tester()
     model = DmilForMultimodalClassification(tester.config())

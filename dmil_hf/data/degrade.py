@@ -258,26 +258,44 @@ def degraded_test_sets(dsd: DatasetDict, seed: int = 0, degradations=DEGRADATION
 
 
 def attainable_accuracy(clean_by_type: dict, shares: dict, modality: str, num_labels: int,
-                        metadata: dict | None = None) -> float:
+                        metadata: dict | None = None, chance: dict | None = None,
+                        num_modalities: int | None = None) -> float:
     """
     What a method can keep when `modality` says nothing any more (missing, noised, blank): every interaction type
     keeps its clean accuracy `clean_by_type[t]`, except that no type can beat the Bayes accuracy with that modality
     missing (`metadata["bayes_accuracy_degraded"]["missing_<modality>"][t]`, which the built-in datasets store).
-    Without that metadata, the types that need the modality (`unique_<modality>`; `synergy` with two modalities)
-    fall to chance, `1 / num_labels`. `shares`: each type's share of the evaluated split. The **degradation gap**
-    is this minus the accuracy on the degraded set.
+    Without that metadata, the types that need the modality (`unique_<modality>`; `synergy` with two modalities) fall
+    to chance: `chance[t]` (the best constant guess on that type's rows, see `degradation_report`), else
+    `1 / num_labels`. With three or more modalities and no metadata nothing says which of them synergy needs: leave
+    `synergy` out of `shares` (as `degradation_report` does). `shares`: each type's share of the evaluated split
+    (normalised here). `num_modalities`: the dataset's (default: the number of `unique_*` types). The **degradation
+    gap** is this minus the accuracy on the degraded set.
     """
     bayes = ((metadata or {}).get("bayes_accuracy_degraded") or {}).get(f"missing_{modality}")
-    two_modalities = sum(1 for t in shares if t.startswith("unique_")) == 2
+    if num_modalities is None:
+        num_modalities = sum(1 for t in clean_by_type if t.startswith("unique_"))
     total = 0.0
     for kind, share in shares.items():
         accuracy = clean_by_type[kind]
         if bayes is not None and kind in bayes:
             accuracy = min(accuracy, bayes[kind])
-        elif bayes is None and (kind == f"unique_{modality}" or (kind == "synergy" and two_modalities)):
-            accuracy = min(accuracy, 1.0 / num_labels)
+        elif bayes is None and (kind == f"unique_{modality}" or (kind == "synergy" and num_modalities == 2)):
+            accuracy = min(accuracy, (chance or {}).get(kind, 1.0 / num_labels))
         total += share * accuracy
-    return total
+    return total / sum(shares.values())
+
+
+def _best_constant_guess(labels, interactions) -> dict | None:
+    """Per interaction type, the accuracy of always answering that type's most frequent label (None: labels that are
+    not one integer per row, e.g. multi-label)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    out = {}
+    for kind in np.unique(interactions):
+        rows = labels[interactions == kind]
+        out[str(kind)] = float(np.bincount(rows).max() / len(rows))
+    return out
 
 
 def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labels: int | None = None,
@@ -289,25 +307,43 @@ def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labe
     `lambda s: dmil_hf.experiment.evaluate_model(model, processor, s)[0]`. `modalities`: the ones to degrade (default:
     all of the dataset's). `clean`: the report on the clean split where the caller has it (otherwise evaluated here).
     `degradations`: the ones to measure (default: all of `DEGRADATIONS`).
+
+    Without the built-in datasets' Bayes metadata (a dataset of your own), a type that needs the lost modality falls
+    to the best constant guess on its rows (the most frequent label among them: with imbalanced labels that is more
+    than `1 / num_labels`), and with three or more modalities the `synergy` rows are left out of the gap, on both
+    sides (nothing says which modalities synergy needs): `gap_excludes` then names them, and `attainable` and `gap`
+    are over the other rows.
     """
     from .schema import dataset_metadata
 
     clean = clean if clean is not None else evaluate(dsd[split])
     out = {"clean": clean["accuracy"], "accuracy": {}, "attainable": {}, "gap": {}}
     interactions = dsd[split]["interaction"] if "interaction" in dsd[split].column_names else None
-    shares = None
+    metadata = dataset_metadata(dsd)
+    num_modalities = len(inspect_dataset(dsd).modalities)
+    shares = chance = None
     if interactions is not None and clean.get("by_interaction") and num_labels:
         values = np.asarray(interactions)
         shares = {t: float((values == t).mean()) for t in clean["by_interaction"]}
-    metadata = dataset_metadata(dsd)
+        if not metadata.get("bayes_accuracy_degraded"):
+            chance = _best_constant_guess(dsd[split]["labels"], values)
+            if num_modalities > 2 and "synergy" in shares:
+                shares.pop("synergy")
+                out["gap_excludes"] = ["synergy"]
     for name, degraded in degraded_test_sets(dsd, seed=seed, degradations=degradations, split=split,
                                              modalities=modalities).items():
         degradation, modality = parse_degraded_name(name)
-        out["accuracy"][name] = evaluate(degraded)["accuracy"]
-        if shares is not None and degradation.removes_information:
-            attainable = attainable_accuracy(clean["by_interaction"], shares, modality, num_labels, metadata)
+        report = evaluate(degraded)
+        out["accuracy"][name] = report["accuracy"]
+        if shares and degradation.removes_information:
+            attainable = attainable_accuracy(clean["by_interaction"], shares, modality, num_labels, metadata, chance,
+                                             num_modalities)
+            accuracy = report["accuracy"]
+            if "gap_excludes" in out:
+                by_type = report["by_interaction"]
+                accuracy = sum(share * by_type[t] for t, share in shares.items()) / sum(shares.values())
             out["attainable"][name] = attainable
-            out["gap"][name] = attainable - out["accuracy"][name]
+            out["gap"][name] = attainable - accuracy
     out["held_out_kinds"] = sorted({d.kind for d in DEGRADATIONS if d.held_out})
     return out
 
