@@ -67,11 +67,12 @@ PRESETS = {
 PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", "synergy_gate_penalty": 0.0,
                   "synergy_subset_weight": 0.0,
                   "tower_pooling": "auto", "stage1_synergy_weight": 0.0, "reliability_gating": False,
-                  "reliability_marginalization": False, "modality_dropout": 0.0, "train_corruption": 0.0}
+                  "reliability_marginalization": False, "reliability_tower_gradient": 0.0, "modality_dropout": 0.0,
+                  "train_corruption": 0.0}
 # Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.
 RUN_OPTIONS = {"train_corruption": "--train-corruption"}
 # Fields that only act on transformer towers: their variants are not trained on feature-only configurations.
-TOWER_FIELDS = ("tower_pooling",)
+TOWER_FIELDS = ("tower_pooling", "reliability_tower_gradient")
 
 
 def ablation_variants() -> dict[str, dict]:

@@ -150,7 +150,8 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
     # The ablation: the paper's settings, one deviation at a time (tower-only fields skipped on feature data), and
     # the defaults (the main DMIL run itself, not trained twice).
     variants = saved["ablation"]["summary"]["synthetic"]
-    assert set(variants) == set(bench.ablation_variants()) - {"paper + tower_pooling=mean"}
+    assert set(variants) == set(bench.ablation_variants()) - {"paper + tower_pooling=mean",
+                                                               "paper + reliability_tower_gradient=0.25"}
     assert variants["defaults"]["accuracy"]["mean"] == saved["runs"][0]["test"]["accuracy"]
     report = (tmp_path / "results.md").read_text()
     assert "## synthetic" in report and "## Ablation" in report and "| paper |" in report
