@@ -366,7 +366,7 @@ class DmilReliability(nn.Module):
 
         def head_input(i, m):
             factor = (tower_gradient or {}).get(m, 0.0)
-            if factor == 0.0 or corruption is None:
+            if factor == 0.0 or corruption is None or not pooled[m].requires_grad:  # frozen or cached: nothing to reach
                 return pooled[m].detach()
             return scale_gradient(pooled[m], (factor * (corruption[:, i:i + 1] > 0)).to(pooled[m].dtype))
 

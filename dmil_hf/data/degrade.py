@@ -320,12 +320,12 @@ def degradation_report(evaluate, dsd: DatasetDict, split: str = "test", num_labe
     out = {"clean": clean["accuracy"], "accuracy": {}, "attainable": {}, "gap": {}}
     interactions = dsd[split]["interaction"] if "interaction" in dsd[split].column_names else None
     metadata = dataset_metadata(dsd)
-    num_modalities = len(inspect_dataset(dsd).modalities)
-    shares = chance = None
+    shares = chance = num_modalities = None
     if interactions is not None and clean.get("by_interaction") and num_labels:
         values = np.asarray(interactions)
         shares = {t: float((values == t).mean()) for t in clean["by_interaction"]}
-        if not metadata.get("bayes_accuracy_degraded"):
+        if not metadata.get("bayes_accuracy_degraded"):  # a dataset of one's own
+            num_modalities = len(inspect_dataset(dsd).modalities)
             chance = _best_constant_guess(dsd[split]["labels"], values)
             if num_modalities > 2 and "synergy" in shares:
                 shares.pop("synergy")
