@@ -79,8 +79,10 @@ _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default
 # were saved with): `reliability_marginalization` and `synergy_subset_weight` became defaults after they had been opt-in
 # fields, the synergy MLP's width had been `hidden_size` before `synergy_hidden_size` existed, and the reliability heads
 # had read detached tower outputs before `reliability_tower_gradient`.
+# What the reliability heads learn on a row whose modality is only partly noised (see the field's docs).
+RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
-                    "reliability_tower_gradient": 0.0}
+                    "reliability_tower_gradient": 0.0, "reliability_partial_target": "level"}
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -273,6 +275,15 @@ class DmilConfig(PretrainedConfig):
             cached towers and the built-in feature towers send none (a feature tower shaped this way read partly
             noised vectors worse). 0 (configs saved before this field existed): the heads read detached tower
             outputs throughout.
+        reliability_partial_target (`str`, defaults to `"responsibility"`): what the reliability heads learn on a
+            training row whose modality is partly noised (`0 < modality_corruption < 1`; clean rows still learn 1 and
+            rows whose modality was replaced by noise 0). `"level"` (configs saved before this field existed): `1 -`
+            the noise level, how much signal went in, whatever the model can still make of it. `"responsibility"`
+            (stages 2 and 3, single-label): how far the modality still helps that row: the model predicts the row
+            twice (no gradient), trusting the modality and with it left out, and the head learns the trusted path's
+            share of the label's probability, `p_trusted(y) / (p_trusted(y) + p_left_out(y))` (its responsibility in
+            the mixture that marginalisation computes at inference; 1/2 where both predict alike). A partly noised
+            modality that still carries the label keeps its weight, one that only misleads loses it.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
@@ -344,6 +355,7 @@ class DmilConfig(PretrainedConfig):
         reliability_marginalization: bool = True,
         reliability_loss_weight: float = 1.0,
         reliability_tower_gradient: float = 0.25,
+        reliability_partial_target: str = "responsibility",
         modality_dropout: float | None = None,
         **kwargs,
     ):
@@ -433,6 +445,10 @@ class DmilConfig(PretrainedConfig):
             raise ValueError(f"`reliability_tower_gradient` is {reliability_tower_gradient}; expected a number in "
                              "[0, 1].")
         self.reliability_tower_gradient = float(reliability_tower_gradient)
+        if reliability_partial_target not in RELIABILITY_PARTIAL_TARGETS:
+            raise ValueError(f"`reliability_partial_target` is {reliability_partial_target!r}; expected one of "
+                             f"{list(RELIABILITY_PARTIAL_TARGETS)}.")
+        self.reliability_partial_target = reliability_partial_target
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):

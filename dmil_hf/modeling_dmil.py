@@ -114,6 +114,11 @@ class DmilModelOutput(_DmilOutput):
         subset_decomposition ([`DmilModelOutput`], with `reliability_subsets=True`): the decomposition of every sample
             with only each subset's modalities, as if the others were missing: `(2^M - 1) * batch_size` rows,
             subset-major.
+        reliability_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities)`), partial_rows
+            (`torch.LongTensor` of shape `(num_rows,)`) and partial_decomposition ([`DmilModelOutput`]): in training
+            with `reliability_partial_target="responsibility"` (see [`DmilConfig`]), the reliability heads' logits (with
+            their gradient), the rows with a partly corrupted modality, and those rows' decomposition with every
+            present modality trusted, then with the corrupted ones left out (`2 * num_rows` rows, no gradient).
     """
 
     component_embeds: torch.FloatTensor | None = None
@@ -134,6 +139,9 @@ class DmilModelOutput(_DmilOutput):
     component_names: tuple | None = None
     subset_weights: torch.FloatTensor | None = None
     subset_decomposition: "DmilModelOutput | None" = None
+    reliability_logits: torch.FloatTensor | None = None
+    partial_rows: torch.LongTensor | None = None
+    partial_decomposition: "DmilModelOutput | None" = None
 
 
 @dataclass
@@ -358,9 +366,11 @@ class DmilReliability(nn.Module):
         self.register_buffer("calibrated", torch.zeros(()))
 
     def forward(self, pooled: dict, mask, corruption=None, tower_gradient: dict | None = None):
-        """`(reliability (B, M) detached, loss terms)` from the pooled tower outputs (a dict over the modalities
-        present), the presence mask, the training corruption levels `(B, M)` (None at inference) and the factor on the
-        gradient the corrupted rows send into each modality's tower (a dict; absent: none)."""
+        """`(reliability (B, M) detached, loss terms, logits (B, M))` from the pooled tower outputs (a dict over the
+        modalities present), the presence mask, the training corruption levels `(B, M)` (None at inference) and the
+        factor on the gradient the corrupted rows send into each modality's tower (a dict; absent: none). The terms
+        are the binary cross-entropy against `1 - corruption`; `responsibility_terms` recomputes them with a learned
+        target for the partly corrupted rows."""
         names = list(self.heads)
         reference = next(iter(pooled.values()))
 
@@ -372,18 +382,29 @@ class DmilReliability(nn.Module):
 
         logits = torch.stack([self.heads[m](head_input(i, m)).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for i, m in enumerate(names)], 1).float()
-        terms = {}
-        for i, m in enumerate(names):
-            if corruption is None:  # no target: a zero that keeps the heads in the graph (DDP wants every parameter)
-                terms[f"reliability_{m}"] = logits[:, i].sum() * 0.0
-            else:
-                target = 1.0 - corruption[:, i].to(logits)
-                terms[f"reliability_{m}"] = masked_mean(
-                    F.binary_cross_entropy_with_logits(logits[:, i], target, reduction="none"), mask[:, i])
+        if corruption is None:  # no target: zeros that keep the heads in the graph (DDP wants every parameter)
+            terms = {f"reliability_{m}": logits[:, i].sum() * 0.0 for i, m in enumerate(names)}
+        else:
+            terms = self._terms(F.binary_cross_entropy_with_logits(logits, 1.0 - corruption, reduction="none"), mask)
         if corruption is not None and self.training:
             self.calibrated.fill_(1.0)
         reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
-        return reliability * mask.to(reliability.dtype), terms
+        return reliability * mask.to(reliability.dtype), terms, logits
+
+    def _terms(self, losses, mask) -> dict:
+        """`reliability_<m>`: the mean of each modality's per-row losses `(B, M)` over the rows where it is present."""
+        return _by_name(_names("reliability_{}", self.heads), _masked_means(losses.t(), mask.t()))
+
+    def responsibility_terms(self, logits, mask, corruption, rows, trusted_log_p, left_out_log_p) -> dict:
+        """The terms with the partly corrupted rows' target learned (`reliability_partial_target="responsibility"`): on
+        the rows `rows` (indices), each modality with `0 < corruption < 1` learns the responsibility of the path that
+        trusts it, `p_trusted / (p_trusted + p_left_out)` (the two paths' probabilities of the true label, given as
+        log-probabilities `(R,)`); every other entry keeps the target `1 - corruption`."""
+        target = 1.0 - corruption
+        partial = (corruption[rows] > 0) & (corruption[rows] < 1)  # (R, M)
+        responsibility = torch.sigmoid(trusted_log_p - left_out_log_p).unsqueeze(1).expand_as(partial)
+        target = target.index_put((rows,), torch.where(partial, responsibility, target[rows]))
+        return self._terms(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), mask)
 
 
 class DmilGroupedLinear(nn.Module):
@@ -1220,13 +1241,19 @@ class DmilModel(DmilPreTrainedModel):
             config = self.config
             factor = config.reliability_tower_gradient if config.training_stage == 3 else 0.0
             tower_gradient = {m: factor for m in config.modalities if m not in config.feature_modalities}
-            reliability, reliability_terms = self.reliability(pooled, mask, corruption, tower_gradient)
+            reliability, reliability_terms, reliability_logits = self.reliability(pooled, mask, corruption,
+                                                                                  tower_gradient)
         else:  # the stage losses read these terms; without reliability heads they are zero
             reliability, reliability_terms = None, {f"reliability_{m}": embeds.new_zeros(()) for m in self.config.modalities}
         synergy_embeds = (self.synergy_inputs(pooled, mask, reliability) if self.config.synergy_source == "towers"
                           else None)
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
+        if self._learns_partial_target(corruption, reliability):
+            rows, decomposition = self._partial_paths(embeds, mask, pooled, corruption)
+            if rows.numel():
+                out.reliability_logits, out.partial_rows, out.partial_decomposition = (reliability_logits, rows,
+                                                                                       decomposition)
         if reliability_subsets and reliability is not None:
             subsets = modality_subsets(mask.shape[1], mask.device)
             out.subset_weights = subset_probabilities(reliability, mask, subsets)
@@ -1234,6 +1261,32 @@ class DmilModel(DmilPreTrainedModel):
         if tower_outputs:  # rebuilt so the fields keep their tuple positions
             out = DmilModelOutput(**dict(out.items()), **{f"{m}_model_output": o for m, o in tower_outputs.items()})
         return out if return_dict else out.to_tuple()
+
+    def _learns_partial_target(self, corruption, reliability) -> bool:
+        """Whether this forward pass prepares the reliability heads' responsibility target (see
+        `DmilConfig.reliability_partial_target`): in training, stages 2 and 3, single-label, with corrupted rows."""
+        config = self.config
+        return (self.training and corruption is not None and reliability is not None
+                and config.reliability_partial_target == "responsibility" and config.training_stage != 1
+                and problem_type(config) == "single_label_classification")
+
+    def _partial_paths(self, embeds, mask, pooled: dict, corruption):
+        """`(rows, decomposition)`: the indices of the rows with a partly corrupted present modality, and their
+        decomposition (no gradient) with every present modality trusted, then with the corrupted ones left out (as
+        missing): `2 * len(rows)` rows, the trusted ones first."""
+        rows = (mask & (corruption > 0) & (corruption < 1)).any(1).nonzero().squeeze(1)
+        if not rows.numel():
+            return rows, None
+        with torch.no_grad():
+            present = mask[rows]
+            kept = torch.cat([present, present & ~(corruption[rows] > 0)])
+            trust = kept.to(embeds.dtype)
+            synergy_embeds = None
+            if self.config.synergy_source == "towers":
+                synergy_embeds = self.synergy_inputs({m: p[rows].repeat(2, 1) for m, p in pooled.items()}, kept, trust)
+            decomposition = self.decompose(embeds[rows].repeat(2, 1, 1) * trust.unsqueeze(-1), kept, synergy_embeds,
+                                           trust)
+        return rows, decomposition
 
     def decompose_subsets(self, embeds, mask, pooled: dict, subsets):
         """The decomposition of every sample with only the modalities of each subset `(V, M)` (the others as if
@@ -1754,6 +1807,19 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         valid = valid.t().to(losses.dtype)
         return (losses * valid).sum(0), valid.sum(0)
 
+    def _reliability_responsibility_terms(self, out: DmilModelOutput, labels, corruption) -> dict:
+        """The reliability terms with the learned target of the partly corrupted rows (see
+        `DmilConfig.reliability_partial_target` and [`DmilReliability.responsibility_terms`])."""
+        rows = out.partial_rows
+        with torch.no_grad():
+            paths = self.classify(out.partial_decomposition)
+            log_p = paths.logits.float().log_softmax(-1)
+            log_p_y = log_p.gather(-1, labels[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
+        count = rows.shape[0]
+        return self.dmil.reliability.responsibility_terms(out.reliability_logits, out.modality_mask,
+                                                   corruption.to(out.modality_mask.device, torch.float32), rows,
+                                                   log_p_y[:count], log_p_y[count:])
+
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the
         training corruption levels, whose corrupted modalities the unimodal and component losses skip)."""
@@ -1837,6 +1903,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             rows = torch.cat([losses, weights[:, -1:].t().to(losses.dtype)])
             used = torch.cat([learns, component_mask[:, -1:]], 1).t()
             terms.update(_by_name(names, _masked_means(rows, used)))
+            if out.partial_decomposition is not None:
+                terms.update(self._reliability_responsibility_terms(out, labels, modality_corruption))
             loss = self._stage_loss(terms, stage)
         return DmilClassifierOutput(
             loss=loss,
