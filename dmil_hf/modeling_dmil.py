@@ -118,8 +118,8 @@ class DmilModelOutput(_DmilOutput):
             (`torch.LongTensor` of shape `(num_rows,)`), partial_modalities (`torch.BoolTensor` of shape
             `(num_rows, num_modalities)`) and partial_decomposition ([`DmilModelOutput`]): in training with
             `reliability_partial_target="responsibility"` (see [`DmilConfig`]), the reliability heads' logits (with
-            their gradient), the rows with a partly corrupted text, image or audio, which of their modalities those
-            are, and the rows' decomposition with every present modality trusted, then with the corrupted ones left
+            their gradient), the rows with a partly corrupted modality, which of their modalities those are, and
+            the rows' decomposition with every present modality trusted, then with the corrupted ones left
             out (`2 * num_rows` rows, no gradient).
     """
 
@@ -1277,13 +1277,11 @@ class DmilModel(DmilPreTrainedModel):
                 and config.reliability_partial_target == "responsibility" and config.training_stage != 1
                 and problem_type(config) == "single_label_classification")
 
-    def _responsibility_entries(self, mask, corruption):
-        """`(B, M)` bool: the entries whose reliability learns the responsibility target: a present text, image or
-        audio modality partly corrupted (`0 < level < 1`). The built-in feature towers keep `1 - level`: on `synthetic3`
-        the responsibility target cost clean test accuracy on every seed (96.4 -> 95.5, BENCHMARKS.md, "Round 6")."""
-        towers = torch.tensor([m not in self.config.feature_modalities for m in self.config.modalities],
-                              device=mask.device)
-        return mask & (corruption > 0) & (corruption < 1) & towers
+    @staticmethod
+    def _responsibility_entries(mask, corruption):
+        """`(B, M)` bool: the entries whose reliability learns the responsibility target, the present modalities
+        partly corrupted (`0 < level < 1`)."""
+        return mask & (corruption > 0) & (corruption < 1)
 
     def _partial_paths(self, embeds, mask, pooled: dict, corruption, rows):
         """The decomposition (no gradient) of the rows `rows` (indices) with every present modality trusted, then with

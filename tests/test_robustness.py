@@ -418,17 +418,17 @@ def test_responsibility_target_moves_reliability_towards_the_path_that_predicts_
     torch.testing.assert_close(terms["reliability_beta"], bce(logits[:, 1], torch.ones(5)))
 
 
-def test_responsibility_target_learns_on_partly_corrupted_towers_in_stages_2_and_3_only(monkeypatch):
-    """The rows whose text, image or audio is partly corrupted are predicted twice, the modality trusted and left
-    out, and their reliability learns the responsibility from those paths; a partly corrupted feature vector, a fully
-    noised modality and clean rows keep the target 1 - level; stage 1 and `"level"` prepare nothing."""
+def test_responsibility_target_learns_on_partly_corrupted_rows_in_stages_2_and_3_only(monkeypatch):
+    """The rows with a partly corrupted modality are predicted twice, the modality trusted and left out, and its
+    reliability learns the responsibility from those paths; a fully noised modality and clean rows keep the target
+    1 - level; stage 1 and `"level"` prepare nothing."""
     from dmil_hf.modeling_dmil import DmilReliability
 
     tester = ModelTester(("vision", "alpha"), batch_size=8)
     inputs, labels = tester.inputs(), tester.labels()
     corruption = torch.zeros(8, 2)
     corruption[:3, 0] = 0.4
-    corruption[3, 1] = 0.4  # a feature vector: its target stays 1 - level
+    corruption[3, 1] = 0.4  # a feature vector
     corruption[4, 0] = 1.0  # fully noised: target 0
     seen = {}
     original = DmilReliability.responsibility_terms
@@ -450,13 +450,14 @@ def test_responsibility_target_learns_on_partly_corrupted_towers_in_stages_2_and
         assert bool(seen) == prepared, (stage, target)
         if not prepared:
             continue
-        assert seen["rows"].tolist() == [0, 1, 2] and seen["learned"].tolist() == [[True, False]] * 3
+        assert seen["rows"].tolist() == [0, 1, 2, 3]
+        assert seen["learned"].tolist() == [[True, False]] * 3 + [[False, True]]
         responsibility = torch.sigmoid(seen["trusted"] - seen["left_out"])
-        expected = torch.cat([responsibility, torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])])
-        torch.testing.assert_close(out.loss_terms["reliability_vision"], bce(seen["logits"][:, 0], expected))
-        torch.testing.assert_close(out.loss_terms["reliability_alpha"],
-                                   bce(seen["logits"][:, 1], 1.0 - corruption[:, 1]))
-        assert not torch.allclose(responsibility, torch.full((3,), 0.6))  # not the level's target
+        vision = torch.cat([responsibility[:3], torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0])])
+        alpha = torch.cat([torch.ones(3), responsibility[3:], torch.ones(4)])
+        torch.testing.assert_close(out.loss_terms["reliability_vision"], bce(seen["logits"][:, 0], vision))
+        torch.testing.assert_close(out.loss_terms["reliability_alpha"], bce(seen["logits"][:, 1], alpha))
+        assert not torch.allclose(responsibility, torch.full((4,), 0.6))  # not the level's target
 
 
 def test_partial_target_defaults_to_the_level_for_configs_saved_before_it():
