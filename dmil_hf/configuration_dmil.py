@@ -283,7 +283,10 @@ class DmilConfig(PretrainedConfig):
             twice (no gradient), trusting the modality and with it left out, and the head learns the trusted path's
             share of the label's probability, `p_trusted(y) / (p_trusted(y) + p_left_out(y))` (its responsibility in
             the mixture that marginalisation computes at inference; 1/2 where both predict alike). A partly noised
-            modality that still carries the label keeps its weight, one that only misleads loses it.
+            modality that still carries the label keeps its weight, one that only misleads loses it. Measured
+            (BENCHMARKS.md, "Round 6", 3 seeds): `digits-pretrained` validation 90.1 -> 90.8 (every seed), test
+            89.1 -> 89.8, a half-noised image 70.6 -> 74.0 (best baseline 73.2); the noised text's gap 4.6 -> 5.2;
+            feature data: validation within 0.3, `synthetic3` test 96.4 -> 95.5.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
