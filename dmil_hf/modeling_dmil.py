@@ -1823,9 +1823,9 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             log_p = paths.logits.float().log_softmax(-1)
             log_p_y = log_p.gather(-1, labels[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
         count = rows.shape[0]
-        return self.dmil.reliability.responsibility_terms(out.reliability_logits, out.modality_mask,
-                                                   corruption.to(out.modality_mask.device, torch.float32), rows,
-                                                   out.partial_modalities, log_p_y[:count], log_p_y[count:])
+        corruption = corruption.to(out.modality_mask.device, torch.float32)
+        return self.dmil.reliability.responsibility_terms(out.reliability_logits, out.modality_mask, corruption, rows,
+                                                          out.partial_modalities, log_p_y[:count], log_p_y[count:])
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the
