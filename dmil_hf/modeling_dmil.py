@@ -1255,12 +1255,16 @@ class DmilModel(DmilPreTrainedModel):
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
         if self._learns_partial_target(corruption, reliability):
-            learned = self._responsibility_entries(mask, corruption)
+            learned = mask & (corruption > 0) & (corruption < 1)  # the present modalities partly corrupted
             rows = learned.any(1).nonzero().squeeze(1)
             if rows.numel():
                 out.reliability_logits, out.partial_rows = reliability_logits, rows
                 out.partial_modalities = learned[rows]
-                out.partial_decomposition = self._partial_paths(embeds, mask, pooled, corruption, rows)
+                # Each row trusting every present modality, then with its corrupted ones left out (no gradient).
+                present = mask[rows]
+                with torch.no_grad():
+                    out.partial_decomposition = self._decompose_kept(
+                        embeds, pooled, rows.repeat(2), torch.cat([present, present & ~(corruption[rows] > 0)]))
         if reliability_subsets and reliability is not None:
             subsets = modality_subsets(mask.shape[1], mask.device)
             out.subset_weights = subset_probabilities(reliability, mask, subsets)
@@ -1277,36 +1281,22 @@ class DmilModel(DmilPreTrainedModel):
                 and config.reliability_partial_target == "responsibility" and config.training_stage != 1
                 and problem_type(config) == "single_label_classification")
 
-    @staticmethod
-    def _responsibility_entries(mask, corruption):
-        """`(B, M)` bool: the entries whose reliability learns the responsibility target, the present modalities
-        partly corrupted (`0 < level < 1`)."""
-        return mask & (corruption > 0) & (corruption < 1)
-
-    def _partial_paths(self, embeds, mask, pooled: dict, corruption, rows):
-        """The decomposition (no gradient) of the rows `rows` (indices) with every present modality trusted, then with
-        the corrupted ones left out (as missing): `2 * len(rows)` rows, the trusted ones first."""
-        with torch.no_grad():
-            present = mask[rows]
-            kept = torch.cat([present, present & ~(corruption[rows] > 0)])
-            trust = kept.to(embeds.dtype)
-            synergy_embeds = None
-            if self.config.synergy_source == "towers":
-                synergy_embeds = self.synergy_inputs({m: p[rows].repeat(2, 1) for m, p in pooled.items()}, kept, trust)
-            return self.decompose(embeds[rows].repeat(2, 1, 1) * trust.unsqueeze(-1), kept, synergy_embeds, trust)
-
     def decompose_subsets(self, embeds, mask, pooled: dict, subsets):
         """The decomposition of every sample with only the modalities of each subset `(V, M)` (the others as if
         missing, every kept one fully trusted): `V * B` rows, subset-major. `embeds` `(B, M, hidden)` and `pooled`
         (the towers' pooled outputs by modality) as [`DmilEncoders.encode`] returns them."""
-        repeats = subsets.shape[0]
         kept = (mask.unsqueeze(0) & subsets.unsqueeze(1)).flatten(0, 1)  # (V * B, M)
-        embeds = embeds.repeat(repeats, 1, 1) * kept.unsqueeze(-1).to(embeds.dtype)
+        return self._decompose_kept(embeds, pooled, torch.arange(mask.shape[0], device=mask.device).repeat(
+            subsets.shape[0]), kept)
+
+    def _decompose_kept(self, embeds, pooled: dict, index, kept):
+        """The decomposition of the samples `index` `(N,)` (row indices of `embeds` and `pooled`, repeats allowed)
+        with only the modalities `kept` `(N, M)`, the others as if missing, every kept one fully trusted."""
         trust = kept.to(embeds.dtype)
         synergy_embeds = None
         if self.config.synergy_source == "towers":
-            synergy_embeds = self.synergy_inputs({m: p.repeat(repeats, 1) for m, p in pooled.items()}, kept, trust)
-        return self.decompose(embeds, kept, synergy_embeds, trust)
+            synergy_embeds = self.synergy_inputs({m: p[index] for m, p in pooled.items()}, kept, trust)
+        return self.decompose(embeds[index] * trust.unsqueeze(-1), kept, synergy_embeds, trust)
 
     def _check_corruption(self, corruption, mask):
         if corruption is None:
