@@ -242,6 +242,18 @@ def subset_probabilities(modality_reliability, mask, subsets):
     return torch.where(total > 1e-12, probability / total.clamp(min=1e-12), present).to(modality_reliability.dtype)
 
 
+def subset_posterior(prior, probabilities, predicted):
+    """`(V, B, 1)` probability that each subset of modalities is the one that works, given the class the mixture
+    predicts: `prior` `(V, B, 1)` (`subset_probabilities`, subset-first) times each subset's probability of the
+    predicted class (`probabilities` `(V, B, C)`, `predicted` `(B,)`), normalised over the subsets. A modality the
+    reliability head doubts but that alone explains the prediction (a clean sentence in a style the head never saw)
+    keeps its weight; one whose absence predicts as well gets no more than its prior."""
+    likelihood = probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
+    joint = prior * likelihood
+    total = joint.sum(0, keepdim=True)
+    return torch.where(total > 0, joint / total.clamp(min=1e-30), prior)
+
+
 def component_reliability(modality_reliability):
     """`(B, M + 2)` availability of each component from the modalities' reliabilities `(B, M)` (independent, 0 for
     absent ones): redundancy needs any one reliable modality, `unique_<m>` needs m, synergy at least two."""
@@ -1780,19 +1792,24 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 and problem_type(config) == "single_label_classification")
 
     def _marginalize(self, result: DmilClassifierOutput, out: DmilModelOutput) -> DmilClassifierOutput:
-        """`result` with `logits` (log-probabilities), `interaction_weights` and `gate_weights` replaced by their
-        mixture over the subsets of modalities that may work, each subset's prediction made as if the others were
-        missing, weighted by `out.subset_weights` (loss and the other fields stay those of the soft pass)."""
+        """`result` with `logits` (log-probabilities) replaced by their mixture over the subsets of modalities that may
+        work, each subset's prediction made as if the others were missing, weighted by `out.subset_weights`; and with
+        `interaction_weights` and `gate_weights` mixed over the subsets by their posterior given the predicted class
+        ([`subset_posterior`]): what the prediction rests on (loss and the other fields stay those of the soft
+        pass)."""
         subsets = self.classify(out.subset_decomposition)
         weights = out.subset_weights.t().unsqueeze(-1)  # (V, B, 1)
+        probabilities = subsets.logits.float().softmax(-1).view(*weights.shape[:2], -1)  # (V, B, C)
+        marginal = (weights * probabilities).sum(0)
+        posterior = subset_posterior(weights, probabilities, marginal.argmax(-1))
 
         def mix(values):
-            return (weights * values.view(*weights.shape[:2], -1)).sum(0)
+            return (posterior * values.view(*posterior.shape[:2], -1)).sum(0)
 
-        marginal = mix(subsets.logits.float().softmax(-1)).clamp(min=1e-30).log().to(result.logits.dtype)
         # Heads never trained on corrupted rows trust every present modality: the mixture is the soft pass itself, whose
         # logits stay as they are (not turned into log-probabilities).
-        logits = torch.where(self.dmil.reliability.calibrated > 0, marginal, result.logits)
+        logits = torch.where(self.dmil.reliability.calibrated > 0,
+                             marginal.clamp(min=1e-30).log().to(result.logits.dtype), result.logits)
         return type(result)(**{**dict(result.items()), "logits": logits,
                                "interaction_weights": mix(subsets.interaction_weights),
                                "gate_weights": mix(subsets.gate_weights)})
@@ -2073,4 +2090,5 @@ __all__ = [
     "evaluate_loss",
     "loss_coefficients",
     "pointwise_interaction_weights",
+    "subset_posterior",
 ]
