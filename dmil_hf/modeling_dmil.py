@@ -164,7 +164,8 @@ class DmilClassifierOutput(_DmilOutput):
             interaction readout over `component_names` (each row sums to one): the pointwise split of the model's own
             prediction into redundancy, uniqueness and synergy (see [`pointwise_interaction_weights`]); needs no label.
             Multi-label: the split of the predicted label set (every label's decision at once). Regression: the gate
-            weights.
+            weights. With `reliability_marginalization`, the readouts of the subsets of modalities that may work,
+            each weighted by how probable it is given the predicted class (see [`subset_posterior`]).
         gate_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the gate's softmax weights
             that mix `component_logits` into `logits`; each row sums to one. They serve accuracy, not reading.
         component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).

@@ -20,6 +20,18 @@ def test_subset_probabilities():
     torch.testing.assert_close(weights, torch.tensor([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
 
 
+def test_subset_posterior():
+    from dmil_hf.modeling_dmil import subset_posterior
+
+    prior = torch.tensor([[0.2, 0.5], [0.3, 0.0], [0.5, 0.5]]).unsqueeze(-1)  # (V=3 subsets, B=2, 1)
+    probabilities = torch.tensor([[[0.9, 0.1], [0.5, 0.5]], [[0.1, 0.9], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]])
+    posterior = subset_posterior(prior, probabilities, torch.tensor([0, 1])).squeeze(-1)
+    # sample 0: class 0 is explained by subset 0 (0.2 * 0.9), less by subset 1 (0.3 * 0.1) and 2 (0.5 * 0.5)
+    torch.testing.assert_close(posterior[:, 0], torch.tensor([0.18, 0.03, 0.25]) / 0.46)
+    # sample 1: every subset predicts alike, so the posterior is the prior (a subset with prior 0 stays at 0)
+    torch.testing.assert_close(posterior[:, 1], prior[:, 1, 0])
+
+
 def _three_feature_model(**overrides):
     tester = ModelTester(("alpha", "beta", "gamma"), batch_size=6)
     torch.manual_seed(0)
@@ -57,6 +69,15 @@ def test_an_uncertain_modality_mixes_its_presence_and_its_absence():
     with_alpha = model(**inputs).logits.softmax(-1)
     without = model(beta_features=inputs["beta_features"], gamma_features=inputs["gamma_features"]).logits.softmax(-1)
     torch.testing.assert_close(out.logits.exp(), 0.5 * with_alpha + 0.5 * without, atol=1e-5, rtol=0)
+    # The readout mixes the two paths by how well each explains the predicted class, not half and half.
+    predicted = out.logits.argmax(-1, keepdim=True)
+    trusted = with_alpha.gather(-1, predicted) / (with_alpha.gather(-1, predicted) + without.gather(-1, predicted))
+    readout_with = model(**inputs).interaction_weights
+    readout_without = model(beta_features=inputs["beta_features"],
+                            gamma_features=inputs["gamma_features"]).interaction_weights
+    torch.testing.assert_close(out.interaction_weights, trusted * readout_with + (1 - trusted) * readout_without,
+                               atol=1e-5, rtol=0)
+    assert not torch.allclose(trusted, torch.full_like(trusted, 0.5), atol=1e-3)  # the posterior is not the prior
     # the soft gating of earlier versions, and training, do not marginalise
     model.config.reliability_marginalization = False
     assert not model.marginalizes_reliability
