@@ -1652,6 +1652,20 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 "readout": [self.modality_heads] + ([self.dmil.reliability] if hasattr(self.dmil, "reliability")
                                                     else [])}
 
+    def learning_rate_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters whose learning rate is a multiple of the stage's, with that factor (what
+        `dmil_hf.training.DmilTrainer` gives groups of their own): the reliability heads, by
+        `config.reliability_learning_rate_scale`."""
+        config = self.config
+        scale = config.reliability_learning_rate_scale
+        if scale == 1.0 or not hasattr(self.dmil, "reliability"):
+            return []
+        # Heads over towers that the reliability loss itself trains (reliability_tower_gradient) keep the stage's rate.
+        shaped = set() if config.reliability_tower_gradient == 0 else {
+            m for m in config.modalities if m not in config.feature_modalities and m not in config.frozen_modalities}
+        return [([p for m, head in self.dmil.reliability.heads.items() if m not in shaped for p in head.parameters()],
+                 scale)]
+
     @staticmethod
     def stage_parameter_groups(config: DmilConfig, stage: int) -> tuple[str, ...]:
         """The groups of `stage_modules` that `stage` trains: stage 1 `level1` (and `synergy`, warming up on

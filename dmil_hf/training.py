@@ -138,6 +138,27 @@ class DmilTrainer(Trainer):
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the parameters the model names in `learning_rate_scales()` (e.g. DMIL's
+        reliability heads) moved to groups of their own whose learning rate is that multiple of the stage's (the
+        scheduler, created afterwards, schedules every group alike; weight decay stays as Trainer chose it)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        scales = getattr(self.model, "learning_rate_scales", None)
+        if not fresh or not callable(scales):
+            return optimizer
+        for parameters, scale in scales():
+            chosen = {id(p) for p in parameters}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in chosen]
+                if moved and len(moved) < len(group["params"]):
+                    group["params"] = [p for p in group["params"] if id(p) not in chosen]
+                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                               "params": moved, "lr": group["lr"] * scale})
+                elif moved:  # the whole group: scale it where it is
+                    group["lr"] *= scale
+        return optimizer
+
     def floating_point_ops(self, inputs) -> int:
         """Trainer's estimate for `total_flos` (6 × the main input's elements × the parameters), with the parameters
         counted once per training run: Trainer's own counts them at every step, walking every module and parameter."""

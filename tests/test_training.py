@@ -498,3 +498,53 @@ def test_stage2_trains_the_synergy_projections_but_not_the_towers():
     model(**batch, labels=torch.randint(0, 3, (8,))).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.dmil.synergy_projections.parameters())
     assert all(p.grad is None for p in model.dmil.encoders.towers.parameters())
+
+
+@pytest.mark.parametrize("scale", [5.0, 1.0])
+def test_reliability_heads_learn_at_their_own_multiple_of_the_learning_rate(tmp_path, scale):
+    from dmil_hf.training import DmilTrainer
+
+    model = feature_model(reliability_learning_rate_scale=scale)
+    trainer = DmilTrainer(model=model, args=args_for(tmp_path, learning_rate=1e-3))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    groups = trainer.optimizer.param_groups
+    placed = [id(p) for group in groups for p in group["params"]]
+    assert sorted(placed) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
+    heads = {id(p) for p in model.dmil.reliability.parameters()}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        if scale != 1.0 and ids & heads:
+            assert ids <= heads and group["lr"] == pytest.approx(scale * 1e-3)
+        else:
+            assert group["lr"] == pytest.approx(1e-3)
+    assert len(groups) == (2 if scale == 1.0 else 4)  # Trainer's decay / no-decay groups, split once more
+    rates = trainer.lr_scheduler.get_last_lr()  # the scheduler scales every group alike
+    assert max(rates) == pytest.approx(scale * min(rates))
+
+
+def test_reliability_learning_rate_scale_defaults_and_checks(tmp_path):
+    config = DmilConfig(feature_modalities={"a": 3, "b": 4})
+    assert config.reliability_learning_rate_scale == 5.0
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["reliability_learning_rate_scale"]  # as a config written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert DmilConfig.from_pretrained(tmp_path).reliability_learning_rate_scale == 1.0
+    with pytest.raises(ValueError, match="reliability_learning_rate_scale"):
+        DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_learning_rate_scale=0)
+
+
+@pytest.mark.parametrize("overrides,scaled", [({}, {"f"}), ({"freeze_towers": ["text"]}, {"text", "f"}),
+                                              ({"reliability_tower_gradient": 0.0}, {"text", "f"})])
+def test_heads_over_towers_the_reliability_loss_trains_keep_the_stage_rate(overrides, scaled):
+    from transformers import BertConfig
+
+    text = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=50)
+    model = DmilForMultimodalClassification(DmilConfig(text_config=text, feature_modalities={"f": 4}, num_labels=3,
+                                                       hidden_size=16, latent_size=8, **overrides))
+    (parameters, scale), = model.learning_rate_scales()
+    chosen = {id(p) for p in parameters}
+    assert scale == 5.0
+    assert {m for m, head in model.dmil.reliability.heads.items()
+            if {id(p) for p in head.parameters()} <= chosen} == scaled
+    assert len(chosen) == sum(len(list(model.dmil.reliability.heads[m].parameters())) for m in scaled)
