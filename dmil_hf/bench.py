@@ -68,8 +68,7 @@ PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", 
                   "synergy_subset_weight": 0.0,
                   "tower_pooling": "auto", "stage1_synergy_weight": 0.0, "reliability_gating": False,
                   "reliability_marginalization": False, "reliability_tower_gradient": 0.0,
-                  "reliability_partial_target": "level", "reliability_learning_rate_scale": 1.0,
-                  "modality_dropout": 0.0,
+                  "reliability_partial_target": "level", "modality_dropout": 0.0,
                   "train_corruption": 0.0}
 # Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.
 RUN_OPTIONS = {"train_corruption": "--train-corruption"}

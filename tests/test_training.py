@@ -523,13 +523,11 @@ def test_reliability_heads_learn_at_their_own_multiple_of_the_learning_rate(tmp_
 
 
 def test_reliability_learning_rate_scale_defaults_and_checks(tmp_path):
-    config = DmilConfig(feature_modalities={"a": 3, "b": 4})
-    assert config.reliability_learning_rate_scale == 5.0
+    config = DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_learning_rate_scale=5.0)
     config.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["reliability_learning_rate_scale"]  # as a config written before the field existed
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert DmilConfig.from_pretrained(tmp_path).reliability_learning_rate_scale == 1.0
+    assert DmilConfig.from_pretrained(tmp_path).reliability_learning_rate_scale == 5.0
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).reliability_learning_rate_scale == 1.0  # opt-in
+    assert DmilForMultimodalClassification(DmilConfig(feature_modalities={"a": 3, "b": 4})).learning_rate_scales() == []
     with pytest.raises(ValueError, match="reliability_learning_rate_scale"):
         DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_learning_rate_scale=0)
 
@@ -541,7 +539,8 @@ def test_heads_over_towers_the_reliability_loss_trains_keep_the_stage_rate(overr
 
     text = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=50)
     model = DmilForMultimodalClassification(DmilConfig(text_config=text, feature_modalities={"f": 4}, num_labels=3,
-                                                       hidden_size=16, latent_size=8, **overrides))
+                                                       hidden_size=16, latent_size=8,
+                                                       reliability_learning_rate_scale=5.0, **overrides))
     (parameters, scale), = model.learning_rate_scales()
     chosen = {id(p) for p in parameters}
     assert scale == 5.0
