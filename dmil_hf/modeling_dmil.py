@@ -1652,6 +1652,71 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 "readout": [self.modality_heads] + ([self.dmil.reliability] if hasattr(self.dmil, "reliability")
                                                     else [])}
 
+    def refit_reliability(self, batches, steps: int, learning_rate: float = 1e-3) -> list[float]:
+        """
+        Train the reliability heads alone, on the final model (`DmilConfig.reliability_refit_steps`; run by
+        `dmil_hf.training.train_staged` after the last stage): everything else stays as trained and in eval mode, the
+        towers' pooled outputs are read without gradient, and each head learns its usual target (1 - the corruption
+        level; with `reliability_partial_target="responsibility"` the partly corrupted rows learn the responsibility
+        of the path that trusts the modality, from this model's two paths). Returns each step's loss.
+
+        Args:
+            batches: a re-iterable of training batches (dicts of model inputs with `labels` and
+                `modality_corruption`, e.g. a `DataLoader`), cycled until `steps` are done.
+            steps: optimizer steps (AdamW at `learning_rate`).
+        """
+        if not hasattr(self.dmil, "reliability"):
+            raise ValueError("refit_reliability needs reliability heads (`reliability_gating=True`).")
+        heads = list(self.dmil.reliability.heads.parameters())
+        optimizer = torch.optim.AdamW(heads, lr=learning_rate)
+        was_training, flags = self.training, [p.requires_grad for p in heads]
+        self.eval()
+        for p in heads:
+            p.requires_grad_(True)
+        losses = []
+        try:
+            while len(losses) < steps:
+                seen = len(losses)
+                for batch in batches:
+                    if len(losses) >= steps:
+                        break
+                    loss = self._reliability_refit_loss(dict(batch))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                if len(losses) == seen:
+                    raise ValueError("refit_reliability got no batches.")
+        finally:
+            for p, flag in zip(heads, flags):
+                p.requires_grad_(flag)
+            self.train(was_training)
+        return losses
+
+    def _reliability_refit_loss(self, batch: dict):
+        labels, corruption = batch.pop("labels"), batch.pop(CORRUPTION_INPUT, None)
+        if corruption is None:
+            raise ValueError(f"refit_reliability needs the {CORRUPTION_INPUT!r} column of a corrupted training split "
+                             "(`dmil_hf.data.add_training_corruption`).")
+        model, modality_mask = self.dmil, batch.pop("modality_mask", None)
+        with torch.no_grad():
+            embeds, mask, _, pooled = model.encoders.encode(batch, modality_mask, return_pooled=True)
+            corruption = model._check_corruption(corruption, mask)
+        _, terms, logits = model.reliability(pooled, mask, corruption)
+        learned = mask & (corruption > 0) & (corruption < 1)
+        rows = learned.any(1).nonzero().squeeze(1)
+        if (self.config.reliability_partial_target == "responsibility" and rows.numel()
+                and problem_type(self.config) == "single_label_classification"):
+            present = mask[rows]
+            with torch.no_grad():
+                paths = self.classify(model._decompose_kept(embeds, pooled, rows.repeat(2), torch.cat(
+                    [present, present & ~(corruption[rows] > 0)])))
+                log_p = paths.logits.float().log_softmax(-1).gather(
+                    -1, labels.to(mask.device)[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
+            terms = model.reliability.responsibility_terms(logits, mask, corruption, rows, learned[rows],
+                                                           log_p[:rows.shape[0]], log_p[rows.shape[0]:])
+        return torch.stack(list(terms.values())).sum()
+
     def learning_rate_scales(self) -> list[tuple[list[nn.Parameter], float]]:
         """Parameters whose learning rate is a multiple of the stage's, with that factor (what
         `dmil_hf.training.DmilTrainer` gives groups of their own): the reliability heads, by

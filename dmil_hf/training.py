@@ -383,6 +383,9 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=2))
         records.append(record)
+    if getattr(model.config, "reliability_refit_steps", 0) and hasattr(model, "refit_reliability"):
+        records.append(refit_reliability_heads(model, args, train_dataset, eval_dataset, data_collator,
+                                               embedding_cache))
     if args.push_to_hub:
         from accelerate import PartialState
 
@@ -393,6 +396,32 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
                 processor.save_pretrained(folder)
             push_trained_model(folder, args)
     return records
+
+
+def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_dataset=None, data_collator=None,
+                            embedding_cache=True) -> dict:
+    """After the last stage: `model.refit_reliability` for `config.reliability_refit_steps` steps on batches of the
+    training split as the last stage read them (its cached tower outputs, its batch size, shuffled with `args.seed`).
+    Under several processes each refits on its own shard, then every process takes the main process's heads.
+    Returns the record for `train_staged`'s list."""
+    import time
+
+    stage = stage_plan(model, args)[-1]
+    stage_args = _stage_arguments(args, stage, model, True, "eval_accuracy")
+    stage_train, _, _ = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset, embedding_cache)
+    # The trainer only hands out the batches: nothing to evaluate or save.
+    stage_args = dataclasses.replace(stage_args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    collator = data_collator
+    if data_collator is None:
+        stage_train, _, collator = batched_splits(stage_train, None)
+    trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, data_collator=collator)
+    start = time.perf_counter()
+    losses = model.refit_reliability(trainer.get_train_dataloader(), model.config.reliability_refit_steps)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for parameter in model.dmil.reliability.parameters():
+            torch.distributed.broadcast(parameter.data, src=0)
+    return {"stage": "reliability_refit", "steps": len(losses), "train_seconds": time.perf_counter() - start,
+            "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def push_trained_model(folder, args: TrainingArguments) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from dmil_hf import DmilForMultimodalClassification
+from dmil_hf import DmilConfig, DmilForMultimodalClassification
 from dmil_hf.configuration_dmil import CORRUPTION_INPUT
 from dmil_hf.data import (DEGRADATIONS, Degradation, add_training_corruption, degrade_split, make_synthetic,
                           parse_degraded_name)
@@ -469,3 +469,60 @@ def test_partial_target_defaults_to_the_level_for_configs_saved_before_it():
     assert DmilConfig.from_dict(saved).reliability_partial_target == "level"
     with pytest.raises(ValueError, match="reliability_partial_target"):
         DmilConfig(reliability_partial_target="binary")
+
+
+# --------------------------------------------------------------------------------------- refitting the heads
+def _refit_data(synthetic, n=160):
+    corrupted = add_training_corruption(synthetic["train"].select(range(n)), ["a", "b"], fraction=0.3, seed=1)
+    return encode_split(corrupted, None, ["a", "b"])
+
+
+def _refit_model(synthetic, **kwargs):
+    torch.manual_seed(0)
+    width = len(synthetic["train"][0]["a_features"])
+    config = DmilConfig(feature_modalities={"a": width, "b": width}, num_labels=4, hidden_size=16, latent_size=8,
+                        feature_hidden_size=16, **kwargs)
+    return DmilForMultimodalClassification(config)
+
+
+def test_refit_reliability_trains_the_heads_alone_towards_their_targets(synthetic):
+    encoded = _refit_data(synthetic)
+    model = _refit_model(synthetic).train()
+    batches = torch.utils.data.DataLoader(encoded.with_format("torch"), batch_size=32, shuffle=True,
+                                          generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = model.refit_reliability(batches, steps=40, learning_rate=1e-2)
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("dmil.reliability.heads.") for n in changed)
+    assert model.training  # the mode it had
+    with pytest.raises(ValueError, match="modality_corruption"):
+        model.refit_reliability([{k: v for k, v in encoded.with_format("torch")[:8].items()
+                                  if k != CORRUPTION_INPUT}], steps=1)
+
+
+def test_train_staged_refits_the_heads_after_the_last_stage(tmp_path, synthetic):
+    from transformers import TrainingArguments
+
+    from dmil_hf.interactions import make_compute_metrics
+    from dmil_hf.training import train_staged
+
+    encoded = _refit_data(synthetic)
+    weights = {}
+    for steps in (0, 5):
+        model = _refit_model(synthetic, reliability_refit_steps=steps, stage1_epochs=1, stage2_epochs=0,
+                             stage3_epochs=1)
+        args = TrainingArguments(output_dir=str(tmp_path / str(steps)), per_device_train_batch_size=32,
+                                 report_to="none", seed=0, disable_tqdm=True, use_cpu=True)
+        records = train_staged(model, args, encoded, encoded, compute_metrics=make_compute_metrics())
+        weights[steps] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert (records[-1]["stage"] == "reliability_refit" and records[-1]["steps"] == 5) == bool(steps)
+    differ = {n for n in weights[0] if not torch.equal(weights[0][n], weights[5][n])}
+    assert differ and all(n.startswith("dmil.reliability.heads.") for n in differ)
+
+
+def test_reliability_refit_steps_is_checked():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="reliability_refit_steps"):
+            DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_steps=bad)
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).reliability_refit_steps == 0
