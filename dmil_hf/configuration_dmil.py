@@ -301,13 +301,13 @@ class DmilConfig(PretrainedConfig):
             towers too broke the held-out silent clip on `digits` (validation gap 6.5-6.7 -> 17-28).
         reliability_refit_steps (`int`, defaults to 0): after the last stage, train the reliability heads alone for
             this many steps on the final model (`DmilForMultimodalClassification.refit_reliability`, run by
-            `dmil_hf.training.train_staged`; batches of the training split, AdamW at 1e-3): during the stages they learn
-            under representations that keep moving and are still learning when training ends. A stand-in refit of
-            trained models (BENCHMARKS.md, "Round 7, second part": 3,000 steps on its own noised copies of the
-            training rows, partly noised ones learning 1 - level; feature data, 3 seeds) narrowed the worst degradation
-            gap on validation 8.1 -> 4.6 on `synthetic3`, 3.2 -> 1.9 on `synthetic`, 2.6 -> 2.0 and 9.7 -> 9.1 on two
-            feature datasets the package had not seen, for up to 0.3 points of clean accuracy. Not yet measured with
-            transformer towers, so 0 (off) by default.
+            `dmil_hf.training.train_staged`; batches of the training split, AdamW at 1e-3, the usual targets):
+            during the stages they learn under representations that keep moving, and are still learning when
+            training ends. Measured at 3,000 on trained models (BENCHMARKS.md, "Round 7, third part", 3 seeds): on
+            feature data the worst degradation gap on validation narrowed (`synthetic3` 8.1 -> 4.8, `synthetic` 3.2
+            -> 2.4, two feature datasets the package had not seen 2.6 -> 2.1 and 9.7 -> 9.1) for up to 0.2 points of
+            clean accuracy, but on `digits-pretrained` clean accuracy fell (validation 90.8 -> 90.2, test 89.6 ->
+            88.6): 0 (off) by default.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
