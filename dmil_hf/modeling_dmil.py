@@ -1268,16 +1268,10 @@ class DmilModel(DmilPreTrainedModel):
         out = self.decompose(embeds, mask, synergy_embeds, reliability, corruption)
         out.loss_terms.update(reliability_terms)
         if self._learns_partial_target(corruption, reliability):
-            learned = mask & (corruption > 0) & (corruption < 1)  # the present modalities partly corrupted
-            rows = learned.any(1).nonzero().squeeze(1)
+            rows, learned, decomposition = self.partial_paths(embeds, mask, pooled, corruption)
             if rows.numel():
                 out.reliability_logits, out.partial_rows = reliability_logits, rows
-                out.partial_modalities = learned[rows]
-                # Each row trusting every present modality, then with its corrupted ones left out (no gradient).
-                present = mask[rows]
-                with torch.no_grad():
-                    out.partial_decomposition = self._decompose_kept(
-                        embeds, pooled, rows.repeat(2), torch.cat([present, present & ~(corruption[rows] > 0)]))
+                out.partial_modalities, out.partial_decomposition = learned, decomposition
         if reliability_subsets and reliability is not None:
             subsets = modality_subsets(mask.shape[1], mask.device)
             out.subset_weights = subset_probabilities(reliability, mask, subsets)
@@ -1293,6 +1287,21 @@ class DmilModel(DmilPreTrainedModel):
         return (self.training and corruption is not None and reliability is not None
                 and config.reliability_partial_target == "responsibility" and config.training_stage != 1
                 and problem_type(config) == "single_label_classification")
+
+    def partial_paths(self, embeds, mask, pooled: dict, corruption):
+        """`(rows, learned, decomposition)` for the responsibility target: the rows with a present modality partly
+        corrupted (`0 < level < 1`; indices `(R,)`), which of their modalities those are `(R, M)`, and the rows'
+        decomposition (no gradient) with every present modality trusted, then with the corrupted ones left out as
+        missing (`2 * R` rows, the trusted ones first; None without such rows)."""
+        learned = mask & (corruption > 0) & (corruption < 1)
+        rows = learned.any(1).nonzero().squeeze(1)
+        if not rows.numel():
+            return rows, learned[rows], None
+        present = mask[rows]
+        with torch.no_grad():
+            decomposition = self._decompose_kept(embeds, pooled, rows.repeat(2),
+                                                 torch.cat([present, present & ~(corruption[rows] > 0)]))
+        return rows, learned[rows], decomposition
 
     def decompose_subsets(self, embeds, mask, pooled: dict, subsets):
         """The decomposition of every sample with only the modalities of each subset `(V, M)` (the others as if
@@ -1703,18 +1712,12 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             embeds, mask, _, pooled = model.encoders.encode(batch, modality_mask, return_pooled=True)
             corruption = model._check_corruption(corruption, mask)
         _, terms, logits = model.reliability(pooled, mask, corruption)
-        learned = mask & (corruption > 0) & (corruption < 1)
-        rows = learned.any(1).nonzero().squeeze(1)
-        if (self.config.reliability_partial_target == "responsibility" and rows.numel()
+        if (self.config.reliability_partial_target == "responsibility"
                 and problem_type(self.config) == "single_label_classification"):
-            present = mask[rows]
-            with torch.no_grad():
-                paths = self.classify(model._decompose_kept(embeds, pooled, rows.repeat(2), torch.cat(
-                    [present, present & ~(corruption[rows] > 0)])))
-                log_p = paths.logits.float().log_softmax(-1).gather(
-                    -1, labels.to(mask.device)[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
-            terms = model.reliability.responsibility_terms(logits, mask, corruption, rows, learned[rows],
-                                                           log_p[:rows.shape[0]], log_p[rows.shape[0]:])
+            rows, learned, decomposition = model.partial_paths(embeds, mask, pooled, corruption)
+            if rows.numel():
+                terms = self._responsibility_terms(logits, mask, corruption, rows, learned, decomposition,
+                                                   labels.to(mask.device))
         return torch.stack(list(terms.values())).sum()
 
     def learning_rate_scales(self) -> list[tuple[list[nn.Parameter], float]]:
@@ -1904,15 +1907,19 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
     def _reliability_responsibility_terms(self, out: DmilModelOutput, labels, corruption) -> dict:
         """The reliability terms with the learned target of the partly corrupted rows (see
         `DmilConfig.reliability_partial_target` and [`DmilReliability.responsibility_terms`])."""
-        rows = out.partial_rows
+        corruption = corruption.to(out.modality_mask.device, torch.float32)
+        return self._responsibility_terms(out.reliability_logits, out.modality_mask, corruption, out.partial_rows,
+                                          out.partial_modalities, out.partial_decomposition, labels)
+
+    def _responsibility_terms(self, logits, mask, corruption, rows, learned, decomposition, labels) -> dict:
+        """[`DmilReliability.responsibility_terms`] with the two paths' log-probabilities of the true label read from
+        their decomposition (`DmilModel.partial_paths`)."""
         with torch.no_grad():
-            paths = self.classify(out.partial_decomposition)
-            log_p = paths.logits.float().log_softmax(-1)
+            log_p = self.classify(decomposition).logits.float().log_softmax(-1)
             log_p_y = log_p.gather(-1, labels[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
         count = rows.shape[0]
-        corruption = corruption.to(out.modality_mask.device, torch.float32)
-        return self.dmil.reliability.responsibility_terms(out.reliability_logits, out.modality_mask, corruption, rows,
-                                                          out.partial_modalities, log_p_y[:count], log_p_y[count:])
+        return self.dmil.reliability.responsibility_terms(logits, mask, corruption, rows, learned, log_p_y[:count],
+                                                          log_p_y[count:])
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -404,8 +405,6 @@ def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_
     training split as the last stage read them (its cached tower outputs, its batch size, shuffled with `args.seed`).
     Under several processes each refits on its own shard, then every process takes the main process's heads.
     Returns the record for `train_staged`'s list."""
-    import time
-
     stage = stage_plan(model, args)[-1]
     stage_args = _stage_arguments(args, stage, model, True, "eval_accuracy")
     stage_train, _, _ = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset, embedding_cache)
