@@ -78,11 +78,13 @@ _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default
 # Fields whose default changed, with the value that configs saved before the field existed get (the behaviour they
 # were saved with): `reliability_marginalization` and `synergy_subset_weight` became defaults after they had been opt-in
 # fields, the synergy MLP's width had been `hidden_size` before `synergy_hidden_size` existed, and the reliability heads
-# had read detached tower outputs before `reliability_tower_gradient`.
+# had read detached tower outputs before `reliability_tower_gradient`, and no model refitted its heads before
+# `reliability_refit_steps`.
 # What the reliability heads learn on a row whose modality is only partly noised (see the field's docs).
 RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
-                    "reliability_tower_gradient": 0.0, "reliability_partial_target": "level"}
+                    "reliability_tower_gradient": 0.0, "reliability_partial_target": "level",
+                    "reliability_refit_steps": 0}
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -299,15 +301,16 @@ class DmilConfig(PretrainedConfig):
             but on test `synthetic3` fell 95.5 -> 94.7, a feature dataset the package had not seen 88.6 -> 87.3 and
             `digits-pretrained`'s noised text gap rose 4.3 -> 6.1: not a default. Scaling the heads over trained tiny
             towers too broke the held-out silent clip on `digits` (validation gap 6.5-6.7 -> 17-28).
-        reliability_refit_steps (`int`, defaults to 0): after the last stage, train the reliability heads alone for
-            this many steps on the final model (`DmilForMultimodalClassification.refit_reliability`, run by
-            `dmil_hf.training.train_staged`; batches of the training split, AdamW at 1e-3, the usual targets):
-            during the stages they learn under representations that keep moving, and are still learning when
-            training ends. Measured at 3,000 on trained models (BENCHMARKS.md, "Round 7, third part", 3 seeds): on
-            feature data the worst degradation gap on validation narrowed (`synthetic3` 8.1 -> 4.8, `synthetic` 3.2
-            -> 2.4, two feature datasets the package had not seen 2.6 -> 2.1 and 9.7 -> 9.1) for up to 0.2 points of
-            clean accuracy, but on `digits-pretrained` clean accuracy fell (validation 90.8 -> 90.2, test 89.6 ->
-            88.6): 0 (off) by default.
+        reliability_refit_steps (`int`, defaults to 3000): after the last stage, train the reliability heads of
+            `reliability_refit_modalities` alone for this many steps on the final model
+            (`DmilForMultimodalClassification.refit_reliability`, run by `dmil_hf.training.train_staged`; AdamW at
+            1e-3 on the pooled tower outputs and targets of up to 16,384 training rows, read once): during the stages
+            the heads learn under representations that keep moving, and are still learning when training ends. 0
+            (configs saved before this field existed): no refit. Measured in BENCHMARKS.md ("Round 8").
+        reliability_refit_modalities (`list[str]`, *optional*): the modalities whose heads the refit trains; `None`:
+            the feature modalities. Heads over transformer towers are left as trained by default: refitting the head
+            over `digits-pretrained`'s frozen MiniLM made it doubt clean sentences of templates it had not seen
+            (clean test accuracy 89.6 -> 88.6, BENCHMARKS.md "Round 7, third part").
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
@@ -381,7 +384,8 @@ class DmilConfig(PretrainedConfig):
         reliability_tower_gradient: float = 0.25,
         reliability_partial_target: str = "responsibility",
         reliability_learning_rate_scale: float = 1.0,
-        reliability_refit_steps: int = 0,
+        reliability_refit_steps: int = 3000,
+        reliability_refit_modalities: list[str] | None = None,
         modality_dropout: float | None = None,
         **kwargs,
     ):
@@ -483,6 +487,13 @@ class DmilConfig(PretrainedConfig):
                 reliability_refit_steps < 0:
             raise ValueError(f"`reliability_refit_steps` is {reliability_refit_steps!r}; expected a whole number >= 0.")
         self.reliability_refit_steps = int(reliability_refit_steps)
+        if reliability_refit_modalities is not None and (
+                isinstance(reliability_refit_modalities, str)
+                or not all(isinstance(m, str) for m in reliability_refit_modalities)):
+            raise TypeError(f"`reliability_refit_modalities` is {reliability_refit_modalities!r}; expected None or a "
+                            "list of modality names.")
+        self.reliability_refit_modalities = (None if reliability_refit_modalities is None
+                                             else list(reliability_refit_modalities))
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
@@ -502,6 +513,18 @@ class DmilConfig(PretrainedConfig):
         if self.num_labels is None or self.num_labels < 1:
             raise ValueError(f"`num_labels` is {self.num_labels!r}; expected a positive integer (1 for regression).")
         self._check_freeze_towers()
+        unknown = sorted(set(self.reliability_refit_modalities or ()) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"`reliability_refit_modalities` names unknown modalities {unknown}; this config's "
+                             f"modalities are {list(self.modalities)}.")
+
+    def refit_modalities(self) -> list[str]:
+        """The modalities whose reliability heads `reliability_refit_steps` refits (see
+        `reliability_refit_modalities`), in `modalities` order."""
+        chosen = self.reliability_refit_modalities
+        if chosen is None:
+            return [m for m in self.modalities if m in self.feature_modalities]
+        return [m for m in self.modalities if m in chosen]
 
     def _check_freeze_towers(self) -> None:
         value = self.freeze_towers

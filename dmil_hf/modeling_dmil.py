@@ -414,15 +414,16 @@ class DmilReliability(nn.Module):
                                                                                      reduction="none"), mask[:, i])
                 for i, m in enumerate(self.heads)}
 
-    def responsibility_terms(self, logits, mask, corruption, rows, learned, trusted_log_p, left_out_log_p) -> dict:
-        """The terms with the partly corrupted rows' target learned (`reliability_partial_target="responsibility"`): on
-        the rows `rows` (indices), each modality where `learned` `(R, M)` holds learns the responsibility of the path
-        that trusts it, `p_trusted / (p_trusted + p_left_out)` (the two paths' probabilities of the true label, given
-        as log-probabilities `(R,)`); every other entry keeps the target `1 - corruption`."""
+    @staticmethod
+    def responsibility_target(corruption, rows, learned, trusted_log_p, left_out_log_p):
+        """The heads' target `(B, M)` with the partly corrupted rows' target learned
+        (`reliability_partial_target="responsibility"`): on the rows `rows` (indices), each modality where `learned`
+        `(R, M)` holds learns the responsibility of the path that trusts it, `p_trusted / (p_trusted + p_left_out)`
+        (the two paths' probabilities of the true label, given as log-probabilities `(R,)`); every other entry keeps
+        the target `1 - corruption`."""
         target = 1.0 - corruption
         responsibility = torch.sigmoid(trusted_log_p - left_out_log_p).unsqueeze(1).expand_as(learned)
-        target = target.index_put((rows,), torch.where(learned, responsibility, target[rows]))
-        return self._terms(logits, target, mask)
+        return target.index_put((rows,), torch.where(learned, responsibility, target[rows]))
 
 
 class DmilGroupedLinear(nn.Module):
@@ -1661,64 +1662,101 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 "readout": [self.modality_heads] + ([self.dmil.reliability] if hasattr(self.dmil, "reliability")
                                                     else [])}
 
-    def refit_reliability(self, batches, steps: int, learning_rate: float = 1e-3) -> list[float]:
+    def refit_reliability(self, batches, steps: int, learning_rate: float = 1e-3, modalities=None,
+                          max_rows: int = 16384, seed: int = 0) -> list[float]:
         """
-        Train the reliability heads alone, on the final model (`DmilConfig.reliability_refit_steps`; run by
-        `dmil_hf.training.train_staged` after the last stage): everything else stays as trained and in eval mode, the
-        towers' pooled outputs are read without gradient, and each head learns its usual target (1 - the corruption
-        level; with `reliability_partial_target="responsibility"` the partly corrupted rows learn the responsibility
-        of the path that trusts the modality, from this model's two paths). Returns each step's loss.
+        Train reliability heads alone, on the final model (`DmilConfig.reliability_refit_steps`; run by
+        `dmil_hf.training.train_staged` after the last stage): everything else stays as trained. One pass over
+        `batches` (model in eval mode, no gradient) keeps each row's pooled tower outputs and the heads' usual target
+        (1 - the corruption level; with `reliability_partial_target="responsibility"` the partly corrupted rows learn
+        the responsibility of the path that trusts the modality, from this model's two paths), up to `max_rows` rows;
+        the steps then draw shuffled batches of those rows (a generator seeded with `seed`), so a step costs the
+        heads alone. Returns each step's loss (the heads' binary cross-entropies, summed over `modalities`).
 
         Args:
-            batches: a re-iterable of training batches (dicts of model inputs with `labels` and
-                `modality_corruption`, e.g. a `DataLoader`), cycled until `steps` are done.
-            steps: optimizer steps (AdamW at `learning_rate`).
+            batches: an iterable of training batches (dicts of model inputs with `labels` and `modality_corruption`,
+                e.g. a `DataLoader`), read once.
+            steps: optimizer steps (AdamW at `learning_rate`), each on as many rows as the first batch had.
+            modalities: the heads to refit (default: `DmilConfig.reliability_refit_modalities`, else the feature
+                modalities).
         """
         if not hasattr(self.dmil, "reliability"):
             raise ValueError("refit_reliability needs reliability heads (`reliability_gating=True`).")
-        heads = list(self.dmil.reliability.heads.parameters())
-        optimizer = torch.optim.AdamW(heads, lr=learning_rate)
-        was_training, flags = self.training, [p.requires_grad for p in heads]
-        self.eval()
-        for p in heads:
+        names = list(self.config.modalities)
+        modalities = self.config.refit_modalities() if modalities is None else list(modalities)
+        unknown = [m for m in modalities if m not in names]
+        if unknown:
+            raise ValueError(f"refit_reliability: unknown modalities {unknown}; this model has {names}.")
+        pooled, masks, targets, batch_size = self._reliability_refit_rows(batches, max_rows)
+        heads = {m: self.dmil.reliability.heads[m] for m in modalities}
+        parameters = [p for head in heads.values() for p in head.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
+        flags = [p.requires_grad for p in parameters]
+        for p in parameters:
             p.requires_grad_(True)
-        losses = []
+        generator = torch.Generator().manual_seed(seed)
+        order, position, losses = torch.randperm(masks.shape[0], generator=generator), 0, []
         try:
-            while len(losses) < steps:
-                seen = len(losses)
-                for batch in batches:
-                    if len(losses) >= steps:
-                        break
-                    loss = self._reliability_refit_loss(dict(batch))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                if len(losses) == seen:
-                    raise ValueError("refit_reliability got no batches.")
+            for _ in range(steps):
+                if position >= order.shape[0]:
+                    order, position = torch.randperm(masks.shape[0], generator=generator), 0
+                rows = order[position:position + batch_size].to(masks.device)
+                position += batch_size
+                loss = sum(masked_mean(F.binary_cross_entropy_with_logits(
+                    head(pooled[m][rows]).squeeze(-1).float(), targets[rows, names.index(m)], reduction="none"),
+                    masks[rows, names.index(m)]) for m, head in heads.items())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
         finally:
-            for p, flag in zip(heads, flags):
+            for p, flag in zip(parameters, flags):
                 p.requires_grad_(flag)
-            self.train(was_training)
         return losses
 
-    def _reliability_refit_loss(self, batch: dict):
-        labels, corruption = batch.pop("labels"), batch.pop(CORRUPTION_INPUT, None)
-        if corruption is None:
-            raise ValueError(f"refit_reliability needs the {CORRUPTION_INPUT!r} column of a corrupted training split "
-                             "(`dmil_hf.data.add_training_corruption`).")
-        model, modality_mask = self.dmil, batch.pop("modality_mask", None)
-        with torch.no_grad():
-            embeds, mask, _, pooled = model.encoders.encode(batch, modality_mask, return_pooled=True)
-            corruption = model._check_corruption(corruption, mask)
-        _, terms, logits = model.reliability(pooled, mask, corruption)
-        if (self.config.reliability_partial_target == "responsibility"
-                and problem_type(self.config) == "single_label_classification"):
-            rows, learned, decomposition = model.partial_paths(embeds, mask, pooled, corruption)
-            if rows.numel():
-                terms = self._responsibility_terms(logits, mask, corruption, rows, learned, decomposition,
-                                                   labels.to(mask.device))
-        return torch.stack(list(terms.values())).sum()
+    def _reliability_refit_rows(self, batches, max_rows: int):
+        """`(pooled, mask, target, batch size)` for `refit_reliability`: the pooled tower outputs of up to `max_rows`
+        rows of `batches` (a dict over the modalities, zeros where absent), their presence `(N, M)` and the heads'
+        targets `(N, M)`, read in eval mode without gradient."""
+        model, names, was_training = self.dmil, list(self.config.modalities), self.training
+        pooled, masks, targets, kept, batch_size = {m: [] for m in names}, [], [], 0, None
+        self.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    if kept >= max_rows:
+                        break
+                    batch = dict(batch)
+                    labels, corruption = batch.pop("labels"), batch.pop(CORRUPTION_INPUT, None)
+                    if corruption is None:
+                        raise ValueError(f"refit_reliability needs the {CORRUPTION_INPUT!r} column of a corrupted "
+                                         "training split (`dmil_hf.data.add_training_corruption`).")
+                    embeds, mask, _, outputs = model.encoders.encode(batch, batch.pop("modality_mask", None),
+                                                                     return_pooled=True)
+                    corruption = model._check_corruption(corruption, mask)
+                    target = 1.0 - corruption
+                    if (self.config.reliability_partial_target == "responsibility"
+                            and problem_type(self.config) == "single_label_classification"):
+                        rows, learned, decomposition = model.partial_paths(embeds, mask, outputs, corruption)
+                        if rows.numel():
+                            target = self._responsibility_target(corruption, rows, learned, decomposition,
+                                                                 labels.to(mask.device))
+                    width = {m: p.shape[-1] for m, p in outputs.items()}
+                    for m in names:
+                        pooled[m].append(outputs[m].float() if m in outputs else
+                                         mask.new_zeros(mask.shape[0], width.get(m, 1), dtype=torch.float32))
+                    masks.append(mask)
+                    targets.append(target)
+                    kept += mask.shape[0]
+                    batch_size = batch_size or mask.shape[0]
+        finally:
+            self.train(was_training)
+        if not masks:
+            raise ValueError("refit_reliability got no batches.")
+        widths = {m: max(t.shape[-1] for t in pooled[m]) for m in names}
+        pooled = {m: torch.cat([t if t.shape[-1] == widths[m] else t.new_zeros(t.shape[0], widths[m])
+                                for t in pooled[m]]) for m in names}
+        return pooled, torch.cat(masks), torch.cat(targets), batch_size
 
     def learning_rate_scales(self) -> list[tuple[list[nn.Parameter], float]]:
         """Parameters whose learning rate is a multiple of the stage's, with that factor (what
@@ -1912,14 +1950,19 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                                           out.partial_modalities, out.partial_decomposition, labels)
 
     def _responsibility_terms(self, logits, mask, corruption, rows, learned, decomposition, labels) -> dict:
-        """[`DmilReliability.responsibility_terms`] with the two paths' log-probabilities of the true label read from
+        """The reliability heads' terms (`logits` `(B, M)`) against `_responsibility_target`."""
+        return self.dmil.reliability._terms(
+            logits, self._responsibility_target(corruption, rows, learned, decomposition, labels), mask)
+
+    def _responsibility_target(self, corruption, rows, learned, decomposition, labels):
+        """[`DmilReliability.responsibility_target`] with the two paths' log-probabilities of the true label read from
         their decomposition (`DmilModel.partial_paths`)."""
         with torch.no_grad():
             log_p = self.classify(decomposition).logits.float().log_softmax(-1)
             log_p_y = log_p.gather(-1, labels[rows].repeat(2).unsqueeze(-1)).squeeze(-1)
         count = rows.shape[0]
-        return self.dmil.reliability.responsibility_terms(logits, mask, corruption, rows, learned, log_p_y[:count],
-                                                          log_p_y[count:])
+        return self.dmil.reliability.responsibility_target(corruption, rows, learned, log_p_y[:count],
+                                                           log_p_y[count:])
 
     def classify(self, out: DmilModelOutput, labels=None, modality_corruption=None) -> DmilClassifierOutput:
         """Heads, gate and stage loss on top of the decomposition `out` of [`DmilModel`] (`modality_corruption`: the

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, load_model
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .configuration_dmil import CORRUPTION_INPUT
 from .methods import method_of
 
 logger = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=2))
         records.append(record)
-    if getattr(model.config, "reliability_refit_steps", 0) and hasattr(model, "refit_reliability"):
+    if refits_reliability(model, train_dataset):
         records.append(refit_reliability_heads(model, args, train_dataset, eval_dataset, data_collator,
                                                embedding_cache))
     if args.push_to_hub:
@@ -397,6 +398,16 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
                 processor.save_pretrained(folder)
             push_trained_model(folder, args)
     return records
+
+
+def refits_reliability(model, train_dataset) -> bool:
+    """Whether `train_staged` refits `model`'s reliability heads after the last stage: a DMIL classifier with
+    reliability heads, `reliability_refit_steps` > 0, heads to refit (`DmilConfig.refit_modalities`) and a training
+    split with the corruption column to learn from."""
+    config = model.config
+    return (hasattr(model, "refit_reliability") and hasattr(model.dmil, "reliability")
+            and getattr(config, "reliability_refit_steps", 0) > 0 and bool(config.refit_modalities())
+            and CORRUPTION_INPUT in (getattr(train_dataset, "column_names", None) or ()))
 
 
 def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_dataset=None, data_collator=None,
@@ -415,7 +426,8 @@ def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_
         stage_train, _, collator = batched_splits(stage_train, None)
     trainer = DmilTrainer(model=model, args=stage_args, train_dataset=stage_train, data_collator=collator)
     start = time.perf_counter()
-    losses = model.refit_reliability(trainer.get_train_dataloader(), model.config.reliability_refit_steps)
+    losses = model.refit_reliability(trainer.get_train_dataloader(), model.config.reliability_refit_steps,
+                                     seed=args.seed)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for parameter in model.dmil.reliability.parameters():
             torch.distributed.broadcast(parameter.data, src=0)

@@ -408,11 +408,12 @@ def test_responsibility_target_moves_reliability_towards_the_path_that_predicts_
     left_out = torch.log(torch.tensor([0.3, 0.6, 0.5]))
     logits = torch.zeros(5, 2, requires_grad=True)
     learned = torch.tensor([[True, False]] * 3)
-    terms = heads.responsibility_terms(logits, mask, corruption, rows, learned, trusted, left_out)
+    target = heads.responsibility_target(corruption, rows, learned, trusted, left_out)
+    terms = heads._terms(logits, target, mask)
     terms["reliability_alpha"].backward()
     assert logits.grad[0, 0] < 0 and logits.grad[1, 0] > 0 and logits.grad[2, 0] == 0  # descent: up, down, stay
     logits = torch.full((5, 2), 0.5)
-    terms = heads.responsibility_terms(logits, mask, corruption, rows, learned, trusted, left_out)
+    terms = heads._terms(logits, target, mask)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     torch.testing.assert_close(terms["reliability_alpha"], bce(logits[:, 0], torch.tensor([0.75, 0.25, 0.5, 0.0, 1.0])))
     torch.testing.assert_close(terms["reliability_beta"], bce(logits[:, 1], torch.ones(5)))
@@ -431,13 +432,19 @@ def test_responsibility_target_learns_on_partly_corrupted_rows_in_stages_2_and_3
     corruption[3, 1] = 0.4  # a feature vector
     corruption[4, 0] = 1.0  # fully noised: target 0
     seen = {}
-    original = DmilReliability.responsibility_terms
+    original_target, original_terms = DmilReliability.responsibility_target, DmilReliability._terms
 
-    def spy(self, logits, mask, corruption, rows, learned, trusted_log_p, left_out_log_p):
-        seen.update(logits=logits.detach(), rows=rows, learned=learned, trusted=trusted_log_p, left_out=left_out_log_p)
-        return original(self, logits, mask, corruption, rows, learned, trusted_log_p, left_out_log_p)
+    def spy(corruption, rows, learned, trusted_log_p, left_out_log_p):
+        seen.update(rows=rows, learned=learned, trusted=trusted_log_p, left_out=left_out_log_p)
+        return original_target(corruption, rows, learned, trusted_log_p, left_out_log_p)
 
-    monkeypatch.setattr(DmilReliability, "responsibility_terms", spy)
+    def terms_spy(self, logits, target, mask):
+        if seen:
+            seen.update(logits=logits.detach())
+        return original_terms(self, logits, target, mask)
+
+    monkeypatch.setattr(DmilReliability, "responsibility_target", staticmethod(spy))
+    monkeypatch.setattr(DmilReliability, "_terms", terms_spy)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     for stage, target, prepared in ((3, "responsibility", True), (2, "responsibility", True),
                                     (1, "responsibility", False), (3, "level", False)):
@@ -488,14 +495,24 @@ def _refit_model(synthetic, **kwargs):
 def test_refit_reliability_trains_the_heads_alone_towards_their_targets(synthetic):
     encoded = _refit_data(synthetic)
     model = _refit_model(synthetic).train()
-    batches = torch.utils.data.DataLoader(encoded.with_format("torch"), batch_size=32, shuffle=True,
-                                          generator=torch.Generator().manual_seed(0))
+    batches = list(torch.utils.data.DataLoader(encoded.with_format("torch"), batch_size=32, shuffle=True,
+                                               generator=torch.Generator().manual_seed(0)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = model.refit_reliability(batches, steps=40, learning_rate=1e-2)
     assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("dmil.reliability.heads.") for n in changed)
     assert model.training  # the mode it had
+    # Only the heads named (default: the feature modalities, here both); the same seed draws the same steps.
+    model.load_state_dict(before, strict=False)
+    again = model.refit_reliability(batches, steps=40, learning_rate=1e-2)
+    assert again == losses
+    model.load_state_dict(before, strict=False)
+    one = model.refit_reliability(batches, steps=5, learning_rate=1e-2, modalities=["b"])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("dmil.reliability.heads.b.") for n in changed) and len(one) == 5
+    with pytest.raises(ValueError, match="unknown modalities"):
+        model.refit_reliability(batches, steps=1, modalities=["c"])
     with pytest.raises(ValueError, match="modality_corruption"):
         model.refit_reliability([{k: v for k, v in encoded.with_format("torch")[:8].items()
                                   if k != CORRUPTION_INPUT}], steps=1)
@@ -525,4 +542,13 @@ def test_reliability_refit_steps_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="reliability_refit_steps"):
             DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_steps=bad)
-    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).reliability_refit_steps == 0
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).reliability_refit_steps == 3000
+    saved = DmilConfig(feature_modalities={"a": 3, "b": 4}).to_dict()
+    saved.pop("reliability_refit_steps")
+    assert DmilConfig.from_dict(saved).reliability_refit_steps == 0  # configs saved before the field: no refit
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).refit_modalities() == ["a", "b"]
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_modalities=["b"]).refit_modalities() == ["b"]
+    with pytest.raises(ValueError, match="reliability_refit_modalities"):
+        DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_modalities=["c"])
+    with pytest.raises(TypeError, match="reliability_refit_modalities"):
+        DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_modalities="a")
