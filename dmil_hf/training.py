@@ -418,7 +418,8 @@ def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_
     Returns the record for `train_staged`'s list."""
     stage = stage_plan(model, args)[-1]
     stage_args = _stage_arguments(args, stage, model, True, "eval_accuracy")
-    stage_train, _, _ = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset, embedding_cache)
+    stage_train, _, cached = cached_stage_splits(model, stage_args, stage, train_dataset, eval_dataset,
+                                                 embedding_cache)
     # The trainer only hands out the batches: nothing to evaluate or save.
     stage_args = dataclasses.replace(stage_args, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
     collator = data_collator
@@ -432,7 +433,8 @@ def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_
         for parameter in model.dmil.reliability.parameters():
             torch.distributed.broadcast(parameter.data, src=0)
     return {"stage": "reliability_refit", "steps": len(losses), "train_seconds": time.perf_counter() - start,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1],
+            "embedding_cache": [{k: r[k] for k in ("split", "modality", "hit")} for r in cached]}
 
 
 def push_trained_model(folder, args: TrainingArguments) -> str:

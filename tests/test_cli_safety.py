@@ -128,7 +128,7 @@ def test_zero_stage_epochs_skip_that_stage(tmp_path, data_dir):
     out = tmp_path / "out"
     assert main(["train", "--dataset", str(data_dir), "--output-dir", str(out), "--stage-epochs", "1", "0", "1",
                  "--batch-size", "16"]) == 0
-    assert [s["stage"] for s in json.loads((out / "metrics.json").read_text())["stages"]] == ["stage1", "stage3"]
+    assert [s["stage"] for s in json.loads((out / "metrics.json").read_text())["stages"]] == ["stage1", "stage3", "reliability_refit"]
 
 
 def incomplete_copy(model_dir: Path, target: Path) -> str:
@@ -256,7 +256,7 @@ def test_resume_records_total_and_resumed_train_seconds(interrupted_run):
     assert metrics["sessions"] == 2
     assert metrics["train_seconds"] == pytest.approx(saved + metrics["train_seconds_this_session"])
     assert metrics["train_seconds_this_session"] > 0
-    assert [s["stage"] for s in metrics["stages"]] == ["stage1", "stage2", "stage3"]
+    assert [s["stage"] for s in metrics["stages"]] == ["stage1", "stage2", "stage3", "reliability_refit"]
 
 
 def text_feature_dataset(n=120, seed=0) -> DatasetDict:

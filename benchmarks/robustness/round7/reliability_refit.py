@@ -3,7 +3,9 @@
 and the degradation gaps before and after, on validation and test. The training split is rebuilt as `dmil train`
 builds it (the method's default corruption, drawn with seed 0).
 
-    python benchmarks/robustness/round7/reliability_refit.py RUN DATASET STEPS ['{"builder": "kwargs"}']
+    python benchmarks/robustness/round7/reliability_refit.py RUN DATASET STEPS ['{"builder": "kwargs"}' [MODALITIES]]
+
+MODALITIES (comma-separated): the heads to refit (`DmilConfig.reliability_refit_modalities`; default: the config's).
 """
 
 import json
@@ -35,7 +37,7 @@ def measure(model, processor, dsd, tag):
               + " ".join(f"{k} {100 * v:.1f}" for k, v in sorted(gaps.items())), flush=True)
 
 
-def main(run, dataset, steps, kwargs="{}"):
+def main(run, dataset, steps, kwargs="{}", refit=None):
     model = load_model(run).eval()
     towers = any(model.config.tower_config(m) is not None for m in model.config.modalities)
     processor = AutoProcessor.from_pretrained(run) if towers else None
@@ -45,6 +47,8 @@ def main(run, dataset, steps, kwargs="{}"):
     train = add_training_corruption(dsd["train"], modalities, METHODS["dmil"].train_corruption, seed=0)
     encoded = encode_dataset(dsd, processor, modalities, train=train)
     model.config.reliability_refit_steps = int(steps)
+    if refit:
+        model.config.reliability_refit_modalities = refit.split(",")
     with tempfile.TemporaryDirectory() as folder:
         args = TrainingArguments(output_dir=folder, per_device_train_batch_size=64, seed=0, report_to="none",
                                  disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0)
