@@ -360,6 +360,20 @@ def test_two_process_accelerate_matches_one_process(tmp_path):
     np.testing.assert_allclose(losses_two, losses_one, rtol=1e-4)
 
 
+def test_two_process_reliability_refit_ends_with_the_same_heads(tmp_path):
+    """Under `accelerate launch` each process refits the reliability heads on its own shard; every process then
+    holds the main process's heads (the broadcast in `refit_reliability_heads`)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run(accelerate + [str(SCRIPTS / "ddp_refit.py"), str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1, before = (load_file(str(tmp_path / f"heads_{n}.safetensors")) for n in ("rank0", "rank1", "before"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(not torch.equal(rank0[k], before[k]) for k in rank0 if k.startswith("heads."))
+
+
 def test_cli_train_then_evaluate_user_dataset(tmp_path):
     feature_dataset(n=120).save_to_disk(tmp_path / "data")
     out = tmp_path / "model"
