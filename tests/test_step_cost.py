@@ -147,6 +147,7 @@ def test_profile_scale_measures_each_method_at_each_size(tmp_path, capsys):
     assert [(r["rows"], r["method"], r["epochs"], r["train_rows"]) for r in results["runs"]] == [
         (60, "dmil", 3, 42), (120, "dmil", 3, 84)]
     assert all(r["seconds_per_epoch"] > 0 and r["peak_rss_mb"] > 100 for r in results["runs"])
+    assert all(r["refit_seconds"] > 0 for r in results["runs"])  # DMIL's reliability refit, apart from the epochs
     peaks = {(r["rows"], r["method"]): r["peak_rss_mb"] for r in results["runs"]}
     assert results["rss_growth_mb"]["dmil"]["60->120"] == pytest.approx(peaks[120, "dmil"] - peaks[60, "dmil"])
     assert (tmp_path / "w" / "data" / "synthetic-120" / "dataset_dict.json").is_file()

@@ -121,9 +121,9 @@ def train_step_summary(result: dict, first: str) -> str:
 
 def scale_summary(results: dict) -> str:
     """The console table of a `--scale` measurement."""
-    lines = ["| rows | method | s / epoch | peak RSS MB |", "|---|---|---|---|"]
-    lines += [f"| {r['rows']:,} | {r['method']} | {r['seconds_per_epoch']:.1f} | {r['peak_rss_mb']:.0f} |"
-              for r in results["runs"]]
+    lines = ["| rows | method | s / epoch | refit s | peak RSS MB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rows']:,} | {r['method']} | {r['seconds_per_epoch']:.1f} | {r.get('refit_seconds', 0):.1f} | "
+              f"{r['peak_rss_mb']:.0f} |" for r in results["runs"]]
     for method, steps in results["rss_growth_mb"].items():
         lines += [f"{method}: peak RSS {step} rows {mb:+.0f} MB" for step, mb in steps.items()]
     return "\n".join(lines)
