@@ -432,7 +432,11 @@ def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for parameter in model.dmil.reliability.parameters():
             torch.distributed.broadcast(parameter.data, src=0)
-    return {"stage": "reliability_refit", "steps": len(losses), "train_seconds": time.perf_counter() - start,
+    seconds = time.perf_counter() - start
+    if trainer.is_world_process_zero():
+        logger.info("reliability_refit: %d steps of the heads of %s in %.1f s, loss %.4g -> %.4g", len(losses),
+                    model.config.refit_modalities(), seconds, losses[0], losses[-1])
+    return {"stage": "reliability_refit", "steps": len(losses), "train_seconds": seconds,
             "first_loss": losses[0], "last_loss": losses[-1],
             "embedding_cache": [{k: r[k] for k in ("split", "modality", "hit")} for r in cached]}
 
