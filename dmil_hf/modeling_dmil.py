@@ -1687,6 +1687,10 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         unknown = [m for m in modalities if m not in names]
         if unknown:
             raise ValueError(f"refit_reliability: unknown modalities {unknown}; this model has {names}.")
+        if not modalities:
+            raise ValueError("refit_reliability: no heads to refit (the model has no feature modality and "
+                             "`reliability_refit_modalities` names none); pass `modalities`, e.g. "
+                             f"{names[:1]}.")
         pooled, masks, targets, batch_size = self._reliability_refit_rows(batches, max_rows)
         heads = {m: self.dmil.reliability.heads[m] for m in modalities}
         parameters = [p for head in heads.values() for p in head.parameters()]

@@ -513,6 +513,8 @@ def test_refit_reliability_trains_the_heads_alone_towards_their_targets(syntheti
     assert changed and all(n.startswith("dmil.reliability.heads.b.") for n in changed) and len(one) == 5
     with pytest.raises(ValueError, match="unknown modalities"):
         model.refit_reliability(batches, steps=1, modalities=["c"])
+    with pytest.raises(ValueError, match="no heads to refit"):
+        model.refit_reliability(batches, steps=1, modalities=[])
     with pytest.raises(ValueError, match="modality_corruption"):
         model.refit_reliability([{k: v for k, v in encoded.with_format("torch")[:8].items()
                                   if k != CORRUPTION_INPUT}], steps=1)
