@@ -255,6 +255,13 @@ def subset_posterior(prior, probabilities, predicted):
     return torch.where(total > 0, joint / total.clamp(min=1e-30), prior)
 
 
+def learns_responsibility(config) -> bool:
+    """Whether the reliability heads learn the responsibility target on partly corrupted rows (see
+    `DmilConfig.reliability_partial_target`): single-label classification with `"responsibility"`."""
+    return (config.reliability_partial_target == "responsibility"
+            and problem_type(config) == "single_label_classification")
+
+
 def component_reliability(modality_reliability):
     """`(B, M + 2)` availability of each component from the modalities' reliabilities `(B, M)` (independent, 0 for
     absent ones): redundancy needs any one reliable modality, `unique_<m>` needs m, synergy at least two."""
@@ -1284,10 +1291,8 @@ class DmilModel(DmilPreTrainedModel):
     def _learns_partial_target(self, corruption, reliability) -> bool:
         """Whether this forward pass prepares the reliability heads' responsibility target (see
         `DmilConfig.reliability_partial_target`): in training, stages 2 and 3, single-label, with corrupted rows."""
-        config = self.config
         return (self.training and corruption is not None and reliability is not None
-                and config.reliability_partial_target == "responsibility" and config.training_stage != 1
-                and problem_type(config) == "single_label_classification")
+                and self.config.training_stage != 1 and learns_responsibility(self.config))
 
     def partial_paths(self, embeds, mask, pooled: dict, corruption):
         """`(rows, learned, decomposition)` for the responsibility target: the rows with a present modality partly
@@ -1691,8 +1696,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             raise ValueError("refit_reliability: no heads to refit (the model has no feature modality and "
                              "`reliability_refit_modalities` names none); pass `modalities`, e.g. "
                              f"{names[:1]}.")
-        pooled, masks, targets, batch_size = self._reliability_refit_rows(batches, max_rows)
-        heads = {m: self.dmil.reliability.heads[m] for m in modalities}
+        pooled, masks, targets, batch_size = self._reliability_refit_rows(batches, modalities, max_rows)
+        heads = {names.index(m): self.dmil.reliability.heads[m] for m in modalities}
         parameters = [p for head in heads.values() for p in head.parameters()]
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         flags = [p.requires_grad for p in parameters]
@@ -1707,8 +1712,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 rows = order[position:position + batch_size].to(masks.device)
                 position += batch_size
                 loss = sum(masked_mean(F.binary_cross_entropy_with_logits(
-                    head(pooled[m][rows]).squeeze(-1).float(), targets[rows, names.index(m)], reduction="none"),
-                    masks[rows, names.index(m)]) for m, head in heads.items())
+                    head(pooled[i][rows]).squeeze(-1).float(), targets[rows, i], reduction="none"), masks[rows, i])
+                    for i, head in heads.items())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -1718,12 +1723,12 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 p.requires_grad_(flag)
         return losses
 
-    def _reliability_refit_rows(self, batches, max_rows: int):
-        """`(pooled, mask, target, batch size)` for `refit_reliability`: the pooled tower outputs of up to `max_rows`
-        rows of `batches` (a dict over the modalities, zeros where absent), their presence `(N, M)` and the heads'
-        targets `(N, M)`, read in eval mode without gradient."""
+    def _reliability_refit_rows(self, batches, modalities, max_rows: int):
+        """`(pooled, mask, target, batch size)` for `refit_reliability`: the pooled tower outputs of `modalities` for
+        up to `max_rows` rows of `batches` (a dict by the modality's index, zeros where it is absent), the presence
+        `(N, M)` and the heads' targets `(N, M)`, read in eval mode without gradient."""
         model, names, was_training = self.dmil, list(self.config.modalities), self.training
-        pooled, masks, targets, kept, batch_size = {m: [] for m in names}, [], [], 0, None
+        pooled, masks, targets, kept, batch_size = {names.index(m): [] for m in modalities}, [], [], 0, None
         self.eval()
         try:
             with torch.no_grad():
@@ -1739,16 +1744,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                                                                      return_pooled=True)
                     corruption = model._check_corruption(corruption, mask)
                     target = 1.0 - corruption
-                    if (self.config.reliability_partial_target == "responsibility"
-                            and problem_type(self.config) == "single_label_classification"):
+                    if learns_responsibility(self.config):
                         rows, learned, decomposition = model.partial_paths(embeds, mask, outputs, corruption)
                         if rows.numel():
                             target = self._responsibility_target(corruption, rows, learned, decomposition,
                                                                  labels.to(mask.device))
-                    width = {m: p.shape[-1] for m, p in outputs.items()}
-                    for m in names:
-                        pooled[m].append(outputs[m].float() if m in outputs else
-                                         mask.new_zeros(mask.shape[0], width.get(m, 1), dtype=torch.float32))
+                    for i, chunks in pooled.items():
+                        m = names[i]
+                        chunks.append(outputs[m].float() if m in outputs else mask.new_zeros(
+                            mask.shape[0], model.encoders.tower_width(m), dtype=torch.float32))
                     masks.append(mask)
                     targets.append(target)
                     kept += mask.shape[0]
@@ -1757,10 +1761,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             self.train(was_training)
         if not masks:
             raise ValueError("refit_reliability got no batches.")
-        widths = {m: max(t.shape[-1] for t in pooled[m]) for m in names}
-        pooled = {m: torch.cat([t if t.shape[-1] == widths[m] else t.new_zeros(t.shape[0], widths[m])
-                                for t in pooled[m]]) for m in names}
-        return pooled, torch.cat(masks), torch.cat(targets), batch_size
+        return ({i: torch.cat(chunks) for i, chunks in pooled.items()}, torch.cat(masks), torch.cat(targets),
+                batch_size)
 
     def learning_rate_scales(self) -> list[tuple[list[nn.Parameter], float]]:
         """Parameters whose learning rate is a multiple of the stage's, with that factor (what
