@@ -8,24 +8,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402
 
+from ddp_data import feature_rows  # noqa: E402
 from dmil_hf import DmilConfig, DmilForMultimodalClassification  # noqa: E402
 from dmil_hf.data import add_training_corruption  # noqa: E402
 from dmil_hf.training import refit_reliability_heads  # noqa: E402
 
 output_dir = Path(sys.argv[1])
-rng = np.random.default_rng(0)
-labels = rng.integers(0, 3, 64)
-data = Dataset.from_dict({
-    "alpha_features": (np.eye(3)[labels] @ rng.normal(size=(3, 6)) + rng.normal(size=(64, 6))).astype(np.float32),
-    "beta_features": rng.normal(size=(64, 4)).astype(np.float32),
-    "labels": labels,
-})
-data = add_training_corruption(data, ["alpha", "beta"], fraction=0.3, seed=0).with_format("torch")
+data = add_training_corruption(feature_rows(), ["alpha", "beta"], fraction=0.3, seed=0).with_format("torch")
 set_seed(0)
 model = DmilForMultimodalClassification(DmilConfig(
     feature_modalities={"alpha": 6, "beta": 4}, num_labels=3, hidden_size=16, latent_size=8, feature_hidden_size=16,

@@ -9,11 +9,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainingArguments, set_seed  # noqa: E402
 
+from ddp_data import feature_rows  # noqa: E402
 from dmil_hf import DmilConfig  # noqa: E402
 from dmil_hf import build_model  # noqa: E402
 from dmil_hf.embedding_cache import cache_tower_embeddings  # noqa: E402
@@ -21,13 +20,7 @@ from dmil_hf.training import DmilTrainer  # noqa: E402
 
 output_dir, batch_size = Path(sys.argv[1]), int(sys.argv[2])
 method = sys.argv[3] if len(sys.argv) > 3 else "joint"
-rng = np.random.default_rng(0)
-labels = rng.integers(0, 3, 64)
-data = Dataset.from_dict({
-    "alpha_features": (np.eye(3)[labels] @ rng.normal(size=(3, 6)) + rng.normal(size=(64, 6))).astype(np.float32),
-    "beta_features": rng.normal(size=(64, 4)).astype(np.float32),
-    "labels": labels,
-}).with_format("torch")
+data = feature_rows().with_format("torch")
 set_seed(0)
 # Dropout off, so one process and two see exactly the same computation on the same global batch.
 config = DmilConfig(feature_modalities={"alpha": 6, "beta": 4}, num_labels=3, hidden_size=16, latent_size=8,
