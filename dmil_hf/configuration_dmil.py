@@ -52,6 +52,9 @@ CORRUPTION_INPUT = "modality_corruption"
 # Modality dropout by model type where `DmilConfig.modality_dropout` is None: DMIL trains its missing-modality path;
 # the plain baselines train as published (the benchmark's `joint_robust` row asks for it explicitly).
 DEFAULT_MODALITY_DROPOUT = {"dmil": 0.1}
+# Dropout on the projected embeddings of frozen (or cached) towers by model type where
+# `DmilConfig.frozen_tower_dropout` is None; the other model types use `dropout` there too.
+DEFAULT_FROZEN_TOWER_DROPOUT = {"dmil": 0.3}
 # The main inputs each tower kind may have; a config whose model does not take one of these is refused.
 TOWER_INPUTS = {name: tuple(tower.main_inputs) for name, tower in TOWERS.items()}
 RESERVED_NAMES = (frozenset(TOWERS) | {tower.column for tower in TOWERS.values()}
@@ -209,7 +212,14 @@ class DmilConfig(PretrainedConfig):
             one it needs is gone. Measured with `synergy_hidden_size` (above); at 0.5 with the 64-wide MLP it had
             cost `digits-pretrained` a point of validation accuracy. 0 is the paper (and configs saved before this
             field existed).
-        dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings.
+        dropout (`float`, defaults to 0.1): dropout on the projected tower embeddings (and the synergy component's
+            per-modality views) of feature vectors and towers that train.
+        frozen_tower_dropout (`float`, *optional*): the same dropout for the towers of `freeze_towers` (frozen, and
+            cached in training). `None` (default): the model type's default (`frozen_tower_dropout_probability`: 0.3
+            for DMIL; `dropout` for the baselines, which a config converted between methods keeps). On fixed
+            embeddings the head alone learns, and the synergy component memorised `digits-pretrained`'s digit pairs
+            (100% of training, 69% of validation synergy samples): measured (BENCHMARKS.md, "Round 9") against
+            `dropout` everywhere. Configs saved before this field keep `dropout` for every tower.
         lamb (`float`, defaults to 0.2): scale of every KL / alignment term.
         kl_scale (`float`, defaults to 0.1): extra factor inside the model on every KL.
         level1_kl_weights / level1_reconstruction_weights: per-modality weights of stage 1 (a float, a list in
@@ -356,6 +366,7 @@ class DmilConfig(PretrainedConfig):
         synergy_gate_penalty: float = 0.1,
         synergy_subset_weight: float = 2.0,
         dropout: float = 0.1,
+        frozen_tower_dropout: float | None = None,
         lamb: float = 0.2,
         kl_scale: float = 0.1,
         level1_kl_weights=(0.4, 2.0),
@@ -435,7 +446,12 @@ class DmilConfig(PretrainedConfig):
         if not float(synergy_subset_weight) >= 0.0:
             raise ValueError(f"`synergy_subset_weight` is {synergy_subset_weight!r}; expected a number >= 0.")
         self.synergy_subset_weight = float(synergy_subset_weight)
+        for name, value in (("dropout", dropout), ("frozen_tower_dropout", frozen_tower_dropout)):
+            if value is not None and not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"`{name}` is {value!r}; expected a probability in [0, 1)"
+                                 + (" or None." if name != "dropout" else "."))
         self.dropout = float(dropout)
+        self.frozen_tower_dropout = None if frozen_tower_dropout is None else float(frozen_tower_dropout)
         self.lamb = float(lamb)
         self.kl_scale = float(kl_scale)
         self.level1_kl_weights = level1_kl_weights if isinstance(level1_kl_weights, dict) else list(
@@ -598,7 +614,8 @@ class DmilConfig(PretrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         """As [`PretrainedConfig.from_dict`]; extra keys of a saved config (attributes set before saving) are kept, and
         a config saved before a field's default changed keeps the behaviour it was saved with (`_DEFAULTS_BEFORE`)."""
-        config_dict = {**_DEFAULTS_BEFORE, **config_dict}
+        # Before `frozen_tower_dropout`, frozen towers had `dropout` like every other modality.
+        config_dict = {**_DEFAULTS_BEFORE, "frozen_tower_dropout": config_dict.get("dropout", 0.1), **config_dict}
         token = _FROM_SAVED_DICT.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)
@@ -621,6 +638,20 @@ class DmilConfig(PretrainedConfig):
         if self.modality_dropout is not None:
             return self.modality_dropout
         return DEFAULT_MODALITY_DROPOUT.get(self.model_type, 0.0)
+
+    @property
+    def frozen_tower_dropout_probability(self) -> float:
+        """`frozen_tower_dropout`, or where it is None the default of this model type (0.3 for DMIL, `dropout`
+        otherwise)."""
+        if self.frozen_tower_dropout is not None:
+            return self.frozen_tower_dropout
+        return DEFAULT_FROZEN_TOWER_DROPOUT.get(self.model_type, self.dropout)
+
+    def dropout_probabilities(self) -> dict[str, float]:
+        """The dropout on each modality's projected embedding: `frozen_tower_dropout_probability` for the frozen
+        towers, `dropout` for the others."""
+        frozen = {m for m in self.frozen_modalities if self.tower_config(m) is not None}
+        return {m: self.frozen_tower_dropout_probability if m in frozen else self.dropout for m in self.modalities}
 
     @property
     def component_names(self) -> tuple[str, ...]:

@@ -705,7 +705,7 @@ class DmilEncoders(nn.Module):
             m: nn.Sequential(nn.Linear(widths[m], config.hidden_size), nn.LayerNorm(config.hidden_size))
             for m in self.modalities
         })
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropouts = nn.ModuleDict({m: nn.Dropout(p) for m, p in config.dropout_probabilities().items()})
         self.apply_freezing()
 
     @staticmethod
@@ -998,7 +998,7 @@ class DmilEncoders(nn.Module):
                                                      output_attentions)
                 if (output_hidden_states or output_attentions) and self._accepts_output_flags(modality):
                     tower_outputs[modality] = outputs
-            embeds.append(self.dropout(projection(pooled)))
+            embeds.append(self.dropouts[modality](projection(pooled)))
             pooled_outputs[modality] = pooled
         embeds = _stack_modalities(embeds, mask)
         return (embeds, mask, tower_outputs, pooled_outputs) if return_pooled else (embeds, mask, tower_outputs)
@@ -1220,7 +1220,7 @@ class DmilModel(DmilPreTrainedModel):
             if m not in pooled:
                 views.append(None)
                 continue
-            views.append(self.encoders.dropout(self.synergy_projections[m](scale_gradient(pooled[m], scale))))
+            views.append(self.encoders.dropouts[m](self.synergy_projections[m](scale_gradient(pooled[m], scale))))
         views = _stack_modalities(views, mask)
         # An unreliable modality is read as a missing one (whose view is zero), smoothly.
         return views if reliability is None else views * reliability.unsqueeze(-1).to(views.dtype)
