@@ -68,12 +68,21 @@ PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", 
                   "synergy_subset_weight": 0.0,
                   "tower_pooling": "auto", "stage1_synergy_weight": 0.0, "reliability_gating": False,
                   "reliability_marginalization": False, "reliability_tower_gradient": 0.0,
-                  "reliability_partial_target": "level", "modality_dropout": 0.0,
-                  "train_corruption": 0.0}
+                  "reliability_partial_target": "level", "reliability_refit_steps": 0, "modality_dropout": 0.0,
+                  "frozen_tower_dropout": 0.1, "train_corruption": 0.0}
 # Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.
 RUN_OPTIONS = {"train_corruption": "--train-corruption"}
-# Fields that only act on transformer towers: their variants are not trained on feature-only configurations.
-TOWER_FIELDS = ("tower_pooling", "reliability_tower_gradient")
+# Fields that act on some modalities only: their variants are trained only on configurations that have them.
+FIELD_SCOPES = {"tower_pooling": "towers", "reliability_tower_gradient": "towers",
+                "frozen_tower_dropout": "frozen towers", "reliability_refit_steps": "feature vectors"}
+
+
+def acts_on(field: str, configuration: str) -> bool:
+    """Whether changing `field` can change a DMIL run of `configuration` (see `FIELD_SCOPES`)."""
+    features = CONFIGURATIONS[configuration][0] == "synthetic"
+    return {"towers": not features, "feature vectors": features,
+            "frozen towers": "--freeze-towers" in CONFIGURATION_OPTIONS.get(configuration, ()),
+            }.get(FIELD_SCOPES.get(field), True)
 
 
 def ablation_variants() -> dict[str, dict]:
@@ -83,6 +92,7 @@ def ablation_variants() -> dict[str, dict]:
     config = DmilConfig(feature_modalities={"a": 1, "b": 1})
     defaults = {k: getattr(config, k) for k in PAPER_SETTINGS if k not in RUN_OPTIONS}
     defaults.update(modality_dropout=config.modality_dropout_probability,
+                    frozen_tower_dropout=config.frozen_tower_dropout_probability,
                     train_corruption=METHODS["dmil"].train_corruption)
     variants = {"paper": dict(PAPER_SETTINGS)}
     for field, value in defaults.items():
@@ -256,9 +266,9 @@ def run_benchmark(output_dir, datasets=DATASETS, methods=tuple(ROWS), seeds=None
     grid = [(d, m, s, None) for d in datasets for s in range(seeds) for m in methods]
     variants = ablation_variants() if ablation else {}
     def applies(configuration, variant):
-        """A variant that changes only tower fields is not trained on a feature-only (synthetic) configuration."""
+        """A variant is trained only where one of the fields it changes acts (`acts_on`)."""
         changed = {k for k, v in variants[variant].items() if PAPER_SETTINGS.get(k) != v}
-        return not changed or CONFIGURATIONS[configuration][0] != "synthetic" or not changed <= set(TOWER_FIELDS)
+        return not changed or any(acts_on(field, configuration) for field in changed)
 
     grid += [(d, "dmil", s, v) for d in datasets for v in variants if v != "defaults" and applies(d, v)
              for s in range(preset["ablation_seeds"])]
