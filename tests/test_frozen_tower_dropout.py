@@ -20,8 +20,8 @@ def _rates(model) -> dict[str, float]:
 def test_frozen_towers_get_their_own_dropout_by_model_type():
     config = ModelTester(("text", "vision", "alpha")).config(freeze_towers=["text"])
     assert config.frozen_tower_dropout is None
-    assert config.dropout_probabilities() == {"text": 0.3, "vision": 0.1, "alpha": 0.1}
-    assert _rates(build_model("dmil", config)) == {"text": 0.3, "vision": 0.1, "alpha": 0.1}
+    assert config.dropout_probabilities() == {"text": 0.5, "vision": 0.1, "alpha": 0.1}
+    assert _rates(build_model("dmil", config)) == {"text": 0.5, "vision": 0.1, "alpha": 0.1}
     for method in ("joint", "ensemble", "i2moe"):  # the baselines train as published: `dropout` everywhere
         assert _rates(build_model(method, config)) == {"text": 0.1, "vision": 0.1, "alpha": 0.1}, method
     config.frozen_tower_dropout = 0.5  # an explicit value holds for every method
@@ -29,7 +29,7 @@ def test_frozen_towers_get_their_own_dropout_by_model_type():
         assert _rates(build_model(method, config))["text"] == 0.5
     # freeze_towers=True freezes towers only: feature vectors keep `dropout`
     config = ModelTester(("text", "alpha")).config(freeze_towers=True, dropout=0.2)
-    assert config.dropout_probabilities() == {"text": 0.3, "alpha": 0.2}
+    assert config.dropout_probabilities() == {"text": 0.5, "alpha": 0.2}
 
 
 def test_a_frozen_towers_embedding_is_dropped_at_its_own_rate_in_training_only():
@@ -63,7 +63,7 @@ def test_a_checkpoint_saved_before_the_field_keeps_dropout_on_its_frozen_towers(
     tester = ModelTester(("text", "alpha"))
     model = DmilForMultimodalClassification(tester.config(freeze_towers=["text"], dropout=0.15))
     model.save_pretrained(tmp_path)
-    assert DmilForMultimodalClassification.from_pretrained(tmp_path).config.dropout_probabilities()["text"] == 0.3
+    assert DmilForMultimodalClassification.from_pretrained(tmp_path).config.dropout_probabilities()["text"] == 0.5
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["frozen_tower_dropout"]  # as a config written before the field existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
