@@ -53,7 +53,8 @@ def test_each_pair_learns_to_predict_alone():
     """The synergy component's loss is the mean of its pooled prediction's and each present pair's cross-entropy."""
     tester, model = _model()
     model.set_training_stage(3).train()
-    model.dmil.encoders.dropout.p = 0.0
+    for dropout in model.dmil.encoders.dropouts.values():
+        dropout.p = 0.0
     inputs, labels = tester.inputs(), tester.labels(6)
     torch.manual_seed(1)
     out = model(**inputs, labels=labels)

@@ -18,7 +18,8 @@ def _model(modalities=("alpha", "beta", "gamma"), **overrides):
     torch.manual_seed(0)
     config = tester.config(modality_dropout=0.0, **{"synergy_subset_weight": 0.5, **overrides})
     model = DmilForMultimodalClassification(config).set_training_stage(3).train()
-    model.dmil.encoders.dropout.p = 0.0
+    for dropout in model.dmil.encoders.dropouts.values():
+        dropout.p = 0.0
     return tester, model
 
 
