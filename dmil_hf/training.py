@@ -25,7 +25,9 @@ train_staged(model, args, train_dataset, eval_dataset, compute_metrics=compute_m
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -100,6 +102,21 @@ class TrainLogCallback(TrainerCallback):
                 handle.write(json.dumps(record, default=str) + "\n")
 
 
+@functools.cache
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits (registered once; a no-op where none is left).
+
+    `Trainer` never destroys the group that `accelerate launch` makes it create, and a process that exits with a live
+    gloo group can abort in interpreter finalisation ("terminate called without an active exception", SIGABRT), seen
+    once on a two-process CPU run whose training had finished. An `atexit` handler runs while Python is still whole."""
+
+    def destroy():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 class DmilTrainer(Trainer):
     """`Trainer` that logs every loss term of DMIL (and the baselines) by name, averaged over the logging window.
 
@@ -110,6 +127,8 @@ class DmilTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         if self.pop_callback(PrinterCallback) is not None:
             self.add_callback(ConsolePrinterCallback)
         elif self.pop_callback(ProgressCallback) is not None:

@@ -374,6 +374,16 @@ def test_two_process_reliability_refit_ends_with_the_same_heads(tmp_path):
     assert any(not torch.equal(rank0[k], before[k]) for k in rank0 if k.startswith("heads."))
 
 
+def test_a_trainer_in_a_process_group_destroys_it_at_exit():
+    """Trainer leaves the group `accelerate launch` made it create; a process exiting with a live gloo group can abort
+    in interpreter finalisation. DmilTrainer registers an exit handler that destroys it while Python is whole."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(SCRIPTS / "process_group_exit.py")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "initialized after the trainer: True" in run.stdout and "initialized at exit: False" in run.stdout, run.stdout
+
+
 def test_cli_train_then_evaluate_user_dataset(tmp_path):
     feature_dataset(n=120).save_to_disk(tmp_path / "data")
     out = tmp_path / "model"
