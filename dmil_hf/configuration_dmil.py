@@ -78,16 +78,17 @@ _STANDARD_CONFIG_KEYS = frozenset({
 }) | {field.name for field in dataclasses.fields(PretrainedConfig)}
 # True while a config is rebuilt from a saved dict: keys someone set as attributes and saved are kept then.
 _FROM_SAVED_DICT = contextvars.ContextVar("dmil_config_from_saved_dict", default=False)
+# What the reliability heads learn on a row whose modality is only partly noised (see the field's docs).
+RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 # Fields whose default changed, with the value that configs saved before the field existed get (the behaviour they
 # were saved with): `reliability_marginalization` and `synergy_subset_weight` became defaults after they had been opt-in
 # fields, the synergy MLP's width had been `hidden_size` before `synergy_hidden_size` existed, and the reliability heads
 # had read detached tower outputs before `reliability_tower_gradient`, and no model refitted its heads before
-# `reliability_refit_steps`.
-# What the reliability heads learn on a row whose modality is only partly noised (see the field's docs).
-RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
+# `reliability_refit_steps`. A callable derives the value from the saved dict: frozen towers had `dropout` like every
+# other modality before `frozen_tower_dropout`.
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
                     "reliability_tower_gradient": 0.0, "reliability_partial_target": "level",
-                    "reliability_refit_steps": 0}
+                    "reliability_refit_steps": 0, "frozen_tower_dropout": lambda saved: saved.get("dropout", 0.1)}
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -450,8 +451,7 @@ class DmilConfig(PretrainedConfig):
         self.synergy_subset_weight = float(synergy_subset_weight)
         for name, value in (("dropout", dropout), ("frozen_tower_dropout", frozen_tower_dropout)):
             if value is not None and not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"`{name}` is {value!r}; expected a probability in [0, 1)"
-                                 + (" or None." if name != "dropout" else "."))
+                raise ValueError(f"`{name}` is {value!r}; expected a probability in [0, 1).")
         self.dropout = float(dropout)
         self.frozen_tower_dropout = None if frozen_tower_dropout is None else float(frozen_tower_dropout)
         self.lamb = float(lamb)
@@ -616,8 +616,8 @@ class DmilConfig(PretrainedConfig):
     def from_dict(cls, config_dict, **kwargs):
         """As [`PretrainedConfig.from_dict`]; extra keys of a saved config (attributes set before saving) are kept, and
         a config saved before a field's default changed keeps the behaviour it was saved with (`_DEFAULTS_BEFORE`)."""
-        # Before `frozen_tower_dropout`, frozen towers had `dropout` like every other modality.
-        config_dict = {**_DEFAULTS_BEFORE, "frozen_tower_dropout": config_dict.get("dropout", 0.1), **config_dict}
+        before = {k: v(config_dict) if callable(v) else v for k, v in _DEFAULTS_BEFORE.items()}
+        config_dict = {**before, **config_dict}
         token = _FROM_SAVED_DICT.set(True)
         try:
             return super().from_dict(config_dict, **kwargs)
