@@ -83,12 +83,13 @@ RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 # Fields whose default changed, with the value that configs saved before the field existed get (the behaviour they
 # were saved with): `reliability_marginalization` and `synergy_subset_weight` became defaults after they had been opt-in
 # fields, the synergy MLP's width had been `hidden_size` before `synergy_hidden_size` existed, and the reliability heads
-# had read detached tower outputs before `reliability_tower_gradient`, and no model refitted its heads before
-# `reliability_refit_steps`. A callable derives the value from the saved dict: frozen towers had `dropout` like every
+# had read detached tower outputs before `reliability_tower_gradient`, no model refitted its heads before
+# `reliability_refit_steps`, nor on a copy of its own before `reliability_refit_corruption`. A callable derives the value from the saved dict: frozen towers had `dropout` like every
 # other modality before `frozen_tower_dropout`.
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
                     "reliability_tower_gradient": 0.0, "reliability_partial_target": "level",
-                    "reliability_refit_steps": 0, "frozen_tower_dropout": lambda saved: saved.get("dropout", 0.1)}
+                    "reliability_refit_steps": 0, "reliability_refit_corruption": None,
+                    "frozen_tower_dropout": lambda saved: saved.get("dropout", 0.1)}
 
 
 def _as_config(value, field: str) -> PretrainedConfig | None:
@@ -321,9 +322,17 @@ class DmilConfig(PretrainedConfig):
             the heads learn under representations that keep moving, and are still learning when training ends. 0
             (configs saved before this field existed): no refit. Measured in BENCHMARKS.md ("Round 8").
         reliability_refit_modalities (`list[str]`, *optional*): the modalities whose heads the refit trains; `None`:
-            the feature modalities. Heads over transformer towers are left as trained by default: refitting the head
-            over `digits-pretrained`'s frozen MiniLM made it doubt clean sentences of templates it had not seen
-            (clean test accuracy 89.6 -> 88.6, BENCHMARKS.md "Round 7, third part").
+            the feature modalities, and with `reliability_refit_corruption` set also the frozen towers
+            (`freeze_towers`). Heads over towers that train are left as trained: they read representations that
+            moved with them (refitted on `digits`' tiny towers they doubted clean sentences and images of templates
+            the training split does not have; BENCHMARKS.md "Round 8").
+        reliability_refit_corruption (`float`, *optional*, defaults to 0.5): the refit reads its own copy of the
+            training split with this share of rows copied per modality and corrupted
+            (`dmil_hf.data.add_training_corruption`; `dmil train` builds it with `dmil_hf.training.refit_split` and
+            passes it to `train_staged` as `refit_dataset`). The stages' copy (15% per modality) shows a head few
+            noised rows: on `digits-pretrained` the head over the frozen MiniLM trusted word salad of words it had not
+            seen (BENCHMARKS.md, "Round 10"). `None` (configs saved before this field): the refit reads the training
+            split as the last stage read it, and refits no tower's head by default.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
@@ -400,6 +409,7 @@ class DmilConfig(PretrainedConfig):
         reliability_learning_rate_scale: float = 1.0,
         reliability_refit_steps: int = 3000,
         reliability_refit_modalities: list[str] | None = None,
+        reliability_refit_corruption: float | None = 0.5,
         modality_dropout: float | None = None,
         **kwargs,
     ):
@@ -512,6 +522,12 @@ class DmilConfig(PretrainedConfig):
                             "list of modality names.")
         self.reliability_refit_modalities = (None if reliability_refit_modalities is None
                                              else list(reliability_refit_modalities))
+        if reliability_refit_corruption is not None and (isinstance(reliability_refit_corruption, bool)
+                                                         or not 0.0 < float(reliability_refit_corruption) <= 1.0):
+            raise ValueError(f"`reliability_refit_corruption` is {reliability_refit_corruption!r}; expected None or a "
+                             "share of rows in (0, 1].")
+        self.reliability_refit_corruption = (None if reliability_refit_corruption is None
+                                             else float(reliability_refit_corruption))
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
@@ -541,7 +557,8 @@ class DmilConfig(PretrainedConfig):
         `reliability_refit_modalities`), in `modalities` order."""
         chosen = self.reliability_refit_modalities
         if chosen is None:
-            return [m for m in self.modalities if m in self.feature_modalities]
+            frozen = self.frozen_modalities if self.reliability_refit_corruption is not None else ()
+            return [m for m in self.modalities if m in self.feature_modalities or m in frozen]
         return [m for m in self.modalities if m in chosen]
 
     def _check_freeze_towers(self) -> None:

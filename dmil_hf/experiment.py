@@ -153,8 +153,9 @@ def run_training(settings: RunSettings) -> dict:
 
     from .data import inspect_dataset, load_dataset_from_name_or_path
     from .interactions import make_compute_metrics
-    from .preprocess import build_processor, encode_dataset
-    from .training import TrainLogCallback, apply_lora, merge_lora, push_trained_model, save_lora_adapters, train_staged
+    from .preprocess import build_processor, encode_dataset, encode_split
+    from .training import (TrainLogCallback, apply_lora, merge_lora, push_trained_model, refit_split,
+                           save_lora_adapters, train_staged)
 
     check_settings(settings)
     output_dir = Path(settings.output_dir)
@@ -189,6 +190,8 @@ def run_training(settings: RunSettings) -> dict:
         train = add_training_corruption(dsd["train"], schema.modalities, corruption, seed=0)
     encoded = encode_dataset(dsd, processor, schema.modalities, train=train)
     model = build_run_model(settings, schema, processor)
+    refit = refit_split(model, dsd["train"], schema.modalities)
+    refit = None if refit is None else encode_split(refit, processor, schema.modalities)
     if settings.lora:
         apply_lora(model)
     # Everything is checked: only now may an earlier run in output_dir go. Every process checked the folder before
@@ -234,6 +237,7 @@ def run_training(settings: RunSettings) -> dict:
         compute_metrics=make_compute_metrics(validation_interactions),
         resume=settings.resume, metric="mse" if regression else "accuracy", greater_is_better=not regression,
         callbacks=[clock.callback(), TrainLogCallback(output_dir / TRAIN_LOG)], embedding_cache=settings.embedding_cache,
+        refit_dataset=refit,
     )
     session_seconds = clock.session()
     if not state.is_main_process:

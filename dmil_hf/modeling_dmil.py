@@ -1676,14 +1676,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         (1 - the corruption level; with `reliability_partial_target="responsibility"` the partly corrupted rows learn
         the responsibility of the path that trusts the modality, from this model's two paths), up to `max_rows` rows;
         the steps then draw shuffled batches of those rows (a generator seeded with `seed`), so a step costs the
-        heads alone. Returns each step's loss (the heads' binary cross-entropies, summed over `modalities`).
+        heads alone (`dmil_hf.training.train_staged` hands it the refit's own, more corrupted copy of the training
+        split: `DmilConfig.reliability_refit_corruption`). Returns each step's loss (the heads' binary
+        cross-entropies, summed over `modalities`).
 
         Args:
             batches: an iterable of training batches (dicts of model inputs with `labels` and `modality_corruption`,
                 e.g. a `DataLoader`), read once.
             steps: optimizer steps (AdamW at `learning_rate`), each on as many rows as the first batch had.
-            modalities: the heads to refit (default: `DmilConfig.reliability_refit_modalities`, else the feature
-                modalities).
+            modalities: the heads to refit (default: `DmilConfig.refit_modalities`).
         """
         if not hasattr(self.dmil, "reliability"):
             raise ValueError("refit_reliability needs reliability heads (`reliability_gating=True`).")
@@ -1693,8 +1694,8 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         if unknown:
             raise ValueError(f"refit_reliability: unknown modalities {unknown}; this model has {names}.")
         if not modalities:
-            raise ValueError("refit_reliability: no heads to refit (the model has no feature modality and "
-                             "`reliability_refit_modalities` names none); pass `modalities`, e.g. "
+            raise ValueError("refit_reliability: no heads to refit (the model has no feature modality or frozen "
+                             "tower to refit and `reliability_refit_modalities` names none); pass `modalities`, e.g. "
                              f"{names[:1]}.")
         pooled, masks, targets, batch_size = self._reliability_refit_rows(batches, modalities, max_rows)
         heads = {names.index(m): self.dmil.reliability.heads[m] for m in modalities}

@@ -340,7 +340,8 @@ def last_complete_checkpoint(stage_dir) -> str | None:
 
 def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, compute_metrics=None,
                  data_collator=None, resume: bool = False, callbacks=None, metric: str = "accuracy",
-                 greater_is_better: bool = True, processor=None, embedding_cache=True) -> list[dict]:
+                 greater_is_better: bool = True, processor=None, embedding_cache=True,
+                 refit_dataset=None) -> list[dict]:
     """
     Train `model` stage by stage (DMIL) or in one run (baselines), restoring the best validation checkpoint at the end
     of every stage. Returns one record per stage (`stage`, `best_metric`, `best_checkpoint`, `train_seconds`).
@@ -354,6 +355,9 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         processor: saved beside the final model when `args.push_to_hub` is set.
         embedding_cache: where the pooled outputs of frozen towers are cached (see [`cached_stage_splits`]): True
             (default folder), a folder, or False (every tower runs live in every epoch; the same result).
+        refit_dataset: what the reliability refit after the last stage reads (`DmilConfig.reliability_refit_steps`):
+            the training split with its own corrupted copies, encoded like `train_dataset` ([`refit_split`] builds
+            it from the raw split); `None`: `train_dataset`.
 
     With `args.push_to_hub=True` (and `args.hub_model_id`), the finished model is saved to `args.output_dir/final` and
     pushed with [`dmil_hf.hub.push_model`]: exported with its remote code and model card, reloaded in a fresh process
@@ -404,8 +408,9 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
         if trainer.is_world_process_zero():
             done.write_text(json.dumps(record, indent=2))
         records.append(record)
-    if refits_reliability(model, train_dataset):
-        records.append(refit_reliability_heads(model, args, train_dataset, eval_dataset, data_collator,
+    refit_dataset = train_dataset if refit_dataset is None else refit_dataset
+    if refits_reliability(model, refit_dataset):
+        records.append(refit_reliability_heads(model, args, refit_dataset, eval_dataset, data_collator,
                                                embedding_cache))
     if args.push_to_hub:
         from accelerate import PartialState
@@ -427,6 +432,21 @@ def refits_reliability(model, train_dataset) -> bool:
     return (hasattr(model, "refit_reliability") and hasattr(model.dmil, "reliability")
             and getattr(config, "reliability_refit_steps", 0) > 0 and bool(config.refit_modalities())
             and CORRUPTION_INPUT in (getattr(train_dataset, "column_names", None) or ()))
+
+
+def refit_split(model, train, modalities):
+    """The raw split that `model`'s reliability refit reads (`train_staged`'s `refit_dataset`, to be encoded like the
+    training split): `train` (clean, before the stages' corruption) with `config.reliability_refit_corruption` of its
+    rows copied per modality and corrupted (drawn once per dataset, seed 0, as the stages' copies are), or None where
+    the model refits nothing or reads the training split (`reliability_refit_corruption=None`)."""
+    config = model.config
+    share = getattr(config, "reliability_refit_corruption", None)
+    if share is None or not getattr(config, "reliability_refit_steps", 0) or not hasattr(model, "refit_reliability") \
+            or not getattr(config, "reliability_gating", False) or not config.refit_modalities():
+        return None
+    from .data import add_training_corruption
+
+    return add_training_corruption(train, modalities, share, seed=0)
 
 
 def refit_reliability_heads(model, args: TrainingArguments, train_dataset, eval_dataset=None, data_collator=None,
