@@ -74,15 +74,15 @@ PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", 
 RUN_OPTIONS = {"train_corruption": "--train-corruption"}
 # Fields that act on some modalities only: their variants are trained only on configurations that have them.
 FIELD_SCOPES = {"tower_pooling": "towers", "reliability_tower_gradient": "towers",
-                "frozen_tower_dropout": "frozen towers", "reliability_refit_steps": "feature vectors"}
+                "frozen_tower_dropout": "frozen towers", "reliability_refit_steps": "feature vectors or frozen towers"}
 
 
 def acts_on(field: str, configuration: str) -> bool:
     """Whether changing `field` can change a DMIL run of `configuration` (see `FIELD_SCOPES`)."""
     features = CONFIGURATIONS[configuration][0] == "synthetic"
-    return {"towers": not features, "feature vectors": features,
-            "frozen towers": "--freeze-towers" in CONFIGURATION_OPTIONS.get(configuration, ()),
-            }.get(FIELD_SCOPES.get(field), True)
+    frozen = "--freeze-towers" in CONFIGURATION_OPTIONS.get(configuration, ())
+    return {"towers": not features, "feature vectors": features, "frozen towers": frozen,
+            "feature vectors or frozen towers": features or frozen}.get(FIELD_SCOPES.get(field), True)
 
 
 def ablation_variants() -> dict[str, dict]:

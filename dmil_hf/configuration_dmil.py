@@ -84,8 +84,8 @@ RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 # were saved with): `reliability_marginalization` and `synergy_subset_weight` became defaults after they had been opt-in
 # fields, the synergy MLP's width had been `hidden_size` before `synergy_hidden_size` existed, and the reliability heads
 # had read detached tower outputs before `reliability_tower_gradient`, no model refitted its heads before
-# `reliability_refit_steps`, nor on a copy of its own before `reliability_refit_corruption`. A callable derives the value from the saved dict: frozen towers had `dropout` like every
-# other modality before `frozen_tower_dropout`.
+# `reliability_refit_steps`, nor on a copy of its own before `reliability_refit_corruption`. A callable derives the
+# value from the saved dict: frozen towers had `dropout` like every other modality before `frozen_tower_dropout`.
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
                     "reliability_tower_gradient": 0.0, "reliability_partial_target": "level",
                     "reliability_refit_steps": 0, "reliability_refit_corruption": None,

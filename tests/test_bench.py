@@ -90,7 +90,8 @@ def test_the_ablation_trains_a_deviation_only_where_it_acts():
     where = {field: [c for c in bench.DATASETS if bench.acts_on(field, c)]
              for field in ("frozen_tower_dropout", "tower_pooling", "reliability_refit_steps", "lamb")}
     assert where == {"frozen_tower_dropout": ["digits-pretrained"], "tower_pooling": ["digits", "digits-pretrained"],
-                     "reliability_refit_steps": ["synthetic", "synthetic3"], "lamb": list(bench.DATASETS)}
+                     "reliability_refit_steps": ["synthetic", "synthetic3", "digits-pretrained"],
+                     "lamb": list(bench.DATASETS)}
 
 
 def test_report_and_plots(tmp_path):

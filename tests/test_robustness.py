@@ -1,6 +1,8 @@
 """Graceful degradation: the degradation kinds, corrupted training rows, modality dropout and DMIL's per-sample,
 per-modality reliability (a modality judged unreliable is handled like a missing one)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -540,6 +542,31 @@ def test_train_staged_refits_the_heads_after_the_last_stage(tmp_path, synthetic)
     assert differ and all(n.startswith("dmil.reliability.heads.") for n in differ)
 
 
+def test_train_staged_refits_on_the_refit_dataset(tmp_path, synthetic):
+    from transformers import TrainingArguments
+
+    from dmil_hf.interactions import make_compute_metrics
+    from dmil_hf.training import refit_split, train_staged
+
+    model = _refit_model(synthetic, reliability_refit_steps=5, stage1_epochs=1, stage2_epochs=0, stage3_epochs=1)
+    clean = synthetic["train"].select(range(160))
+    refit = refit_split(model, clean, ["a", "b"])  # its own copy: half the rows again per modality, corrupted
+    assert len(refit) == 160 + 2 * 80 and (np.asarray(refit[CORRUPTION_INPUT]) > 0).sum(0).tolist() == [80, 80]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=32, report_to="none",
+                             seed=0, disable_tqdm=True, use_cpu=True)
+    encoded = _refit_data(synthetic)
+    # The refit reads refit_dataset, not the training split: without the corruption column there is nothing to refit.
+    records = train_staged(model, args, encoded, encoded, compute_metrics=make_compute_metrics(),
+                           refit_dataset=encoded.remove_columns([CORRUPTION_INPUT]))
+    assert [r["stage"] for r in records] == ["stage1", "stage3"]  # no "reliability_refit" record
+    records = train_staged(model, dataclasses.replace(args, output_dir=str(tmp_path / "again")), encoded, encoded,
+                           compute_metrics=make_compute_metrics(), refit_dataset=_refit_data(synthetic, n=64))
+    assert records[-1]["stage"] == "reliability_refit"
+    # Configs without the field's copy (saved before it) and models that refit nothing get no split.
+    assert refit_split(_refit_model(synthetic, reliability_refit_corruption=None), clean, ["a", "b"]) is None
+    assert refit_split(_refit_model(synthetic, reliability_refit_steps=0), clean, ["a", "b"]) is None
+
+
 def test_reliability_refit_steps_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="reliability_refit_steps"):
@@ -554,3 +581,19 @@ def test_reliability_refit_steps_is_checked():
         DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_modalities=["c"])
     with pytest.raises(TypeError, match="reliability_refit_modalities"):
         DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_modalities="a")
+
+
+def test_reliability_refit_corruption_is_checked_and_adds_the_frozen_towers():
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="reliability_refit_corruption"):
+            DmilConfig(feature_modalities={"a": 3, "b": 4}, reliability_refit_corruption=bad)
+    assert DmilConfig(feature_modalities={"a": 3, "b": 4}).reliability_refit_corruption == 0.5
+    tester = ModelTester(("text", "vision", "alpha"))
+    # The feature modalities and the frozen towers; a tower that trains keeps its head as trained.
+    assert tester.config(freeze_towers=["text"]).refit_modalities() == ["text", "alpha"]
+    assert tester.config().refit_modalities() == ["alpha"]
+    # Configs saved before the field: the refit read the training split and refitted feature heads only.
+    saved = tester.config(freeze_towers=["text"]).to_dict()
+    saved.pop("reliability_refit_corruption")
+    old = DmilConfig.from_dict(saved)
+    assert old.reliability_refit_corruption is None and old.refit_modalities() == ["alpha"]
