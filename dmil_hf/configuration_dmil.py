@@ -329,7 +329,8 @@ class DmilConfig(PretrainedConfig):
         reliability_refit_corruption (`float`, *optional*, defaults to 0.5): the refit reads its own copy of the
             training split with this share of rows copied per modality and corrupted
             (`dmil_hf.data.add_training_corruption`; `dmil train` builds it with `dmil_hf.training.refit_split` and
-            passes it to `train_staged` as `refit_dataset`). The stages' copy (15% per modality) shows a head few
+            passes it to `train_staged` as `refit_dataset`; a split larger than the refit's 16,384 rows is sampled
+            first). The stages' copy (15% per modality) shows a head few
             noised rows: on `digits-pretrained` the head over the frozen MiniLM trusted word salad of words it had not
             seen (BENCHMARKS.md, "Round 10"). `None` (configs saved before this field): the refit reads the training
             split as the last stage read it, and refits no tower's head by default.

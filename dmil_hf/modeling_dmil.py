@@ -1610,6 +1610,10 @@ def describe_loss(expression, config) -> str:
 
 
 
+# The most training rows the reliability refit reads (`refit_reliability`; `dmil_hf.training.refit_split` draws no more).
+REFIT_MAX_ROWS = 16384
+
+
 class DmilForMultimodalClassification(DmilPreTrainedModel):
     r"""
     DMIL with component heads, unimodal heads and the per-sample gate. The loss depends on
@@ -1668,7 +1672,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                                                     else [])}
 
     def refit_reliability(self, batches, steps: int, learning_rate: float = 1e-3, modalities=None,
-                          max_rows: int = 16384, seed: int = 0) -> list[float]:
+                          max_rows: int = REFIT_MAX_ROWS, seed: int = 0) -> list[float]:
         """
         Train reliability heads alone, on the final model (`DmilConfig.reliability_refit_steps`; run by
         `dmil_hf.training.train_staged` after the last stage): everything else stays as trained. One pass over

@@ -34,6 +34,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, load_model
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -434,11 +435,15 @@ def refits_reliability(model, train_dataset) -> bool:
             and CORRUPTION_INPUT in (getattr(train_dataset, "column_names", None) or ()))
 
 
-def refit_split(model, train, modalities):
+def refit_split(model, train, modalities, max_rows: int | None = None):
     """The raw split that `model`'s reliability refit reads (`train_staged`'s `refit_dataset`, to be encoded like the
     training split): `train` (clean, before the stages' corruption) with `config.reliability_refit_corruption` of its
     rows copied per modality and corrupted (drawn once per dataset, seed 0, as the stages' copies are), or None where
-    the model refits nothing or reads the training split (`reliability_refit_corruption=None`)."""
+    the model refits nothing or reads the training split (`reliability_refit_corruption=None`). The refit reads at most
+    `max_rows` rows (default `REFIT_MAX_ROWS`, 16,384): a larger `train` is sampled first (seed 0), so that the
+    towers never run on rows the refit would not read."""
+    from .modeling_dmil import REFIT_MAX_ROWS
+
     config = model.config
     share = getattr(config, "reliability_refit_corruption", None)
     if share is None or not getattr(config, "reliability_refit_steps", 0) or not hasattr(model, "refit_reliability") \
@@ -446,6 +451,9 @@ def refit_split(model, train, modalities):
         return None
     from .data import add_training_corruption
 
+    keep = int((REFIT_MAX_ROWS if max_rows is None else max_rows) // (1.0 + share * len(modalities)))
+    if keep < len(train):
+        train = train.select(np.sort(np.random.default_rng(0).choice(len(train), keep, replace=False)))
     return add_training_corruption(train, modalities, share, seed=0)
 
 

@@ -552,6 +552,10 @@ def test_train_staged_refits_on_the_refit_dataset(tmp_path, synthetic):
     clean = synthetic["train"].select(range(160))
     refit = refit_split(model, clean, ["a", "b"])  # its own copy: half the rows again per modality, corrupted
     assert len(refit) == 160 + 2 * 80 and (np.asarray(refit[CORRUPTION_INPUT]) > 0).sum(0).tolist() == [80, 80]
+    # A split larger than the refit reads is sampled before it is copied: 100 rows at most, here 50 + 2 x 25.
+    capped = refit_split(model, clean, ["a", "b"], max_rows=100)
+    kept = [tuple(row) for row, level in zip(capped["a_features"], capped[CORRUPTION_INPUT]) if not any(level)]
+    assert len(capped) == 100 and len(kept) == 50 and set(kept) <= {tuple(row) for row in clean["a_features"]}
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=32, report_to="none",
                              seed=0, disable_tqdm=True, use_cpu=True)
     encoded = _refit_data(synthetic)
