@@ -330,9 +330,8 @@ class DmilConfig(PretrainedConfig):
             training split with this share of rows copied per modality and corrupted
             (`dmil_hf.data.add_training_corruption`; `dmil train` builds it with `dmil_hf.training.refit_split` and
             passes it to `train_staged` as `refit_dataset`; a split larger than the refit's 16,384 rows is sampled
-            first). The stages' copy (15% per modality) shows a head few
-            noised rows: on `digits-pretrained` the head over the frozen MiniLM trusted word salad of words it had not
-            seen (BENCHMARKS.md, "Round 10"). `None` (configs saved before this field): the refit reads the training
+            first). The stages' copy (15% per modality) shows a head few noised rows: on `digits-pretrained` the head
+            over the frozen MiniLM trusted word salad of words it had not seen (BENCHMARKS.md, "Round 10"). `None` (configs saved before this field): the refit reads the training
             split as the last stage read it, and refits no tower's head by default.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained

@@ -190,7 +190,8 @@ def run_training(settings: RunSettings) -> dict:
         train = add_training_corruption(dsd["train"], schema.modalities, corruption, seed=0)
     encoded = encode_dataset(dsd, processor, schema.modalities, train=train)
     model = build_run_model(settings, schema, processor)
-    refit = refit_split(model, dsd["train"], schema.modalities)
+    # The reliability refit's own corrupted copy; none where the stages saw no corrupted rows (the heads are untrained).
+    refit = refit_split(model, dsd["train"], schema.modalities) if train is not None else None
     refit = None if refit is None else encode_split(refit, processor, schema.modalities)
     if settings.lora:
         apply_lora(model)

@@ -1609,7 +1609,6 @@ def describe_loss(expression, config) -> str:
     return text(expression, top=True)
 
 
-
 # The most training rows the reliability refit reads (`refit_reliability`; `dmil_hf.training.refit_split` draws no more).
 REFIT_MAX_ROWS = 16384
 

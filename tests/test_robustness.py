@@ -382,6 +382,11 @@ def test_dataset_dict_of_corrupted_train_trains_end_to_end(tmp_path, synthetic):
                                        stage_epochs=(1, 1, 1), train_corruption=0.25))
     model = DmilForMultimodalClassification.from_pretrained(tmp_path / "run")
     assert model.dmil.reliability.calibrated == 1 and metrics["test"]["n"] == 60
+    assert metrics["stages"][-1]["stage"] == "reliability_refit"  # on its own copy (refit_split)
+    # Stages without corrupted rows leave the heads untrained: no refit copy is built, and no refit runs.
+    metrics = run_training(RunSettings(dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "clean"),
+                                       stage_epochs=(1, 1, 1), train_corruption=0.0))
+    assert "reliability_refit" not in [stage["stage"] for stage in metrics["stages"]]
 
 
 def test_attainable_accuracy_keeps_what_the_lost_modality_does_not_carry():
