@@ -247,8 +247,10 @@ def test_cli_freeze_towers_caches_under_the_cache_root(tmp_path, monkeypatch, ca
     stages = {run: json.loads((tmp_path / run / "metrics.json").read_text())["stages"] for run in ("first", "second")}
     assert [c["hit"] for c in stages["first"][0]["embedding_cache"]] == [False, False]
     assert all(c["hit"] for s in stages["second"] for c in s["embedding_cache"] if c["modality"] == "alpha")
-    # train and validation (training), test (the final evaluation reads the cache too)
-    assert len(list((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))) == 3
+    # train and validation (training), the reliability refit's own copy of train (`refit_split`), test (the final
+    # evaluation reads the cache too)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("alpha-*.npy"))) == 4
+    assert stages["first"][-1]["stage"] == "reliability_refit" and not stages["first"][-1]["embedding_cache"][0]["hit"]
     saved = DmilConfig.from_pretrained(tmp_path / "second")
     assert saved.frozen_modalities == ("alpha",)
 
