@@ -425,14 +425,14 @@ def train_staged(model, args: TrainingArguments, train_dataset, eval_dataset, co
     return records
 
 
-def refits_reliability(model, train_dataset) -> bool:
+def refits_reliability(model, train_dataset=None) -> bool:
     """Whether `train_staged` refits `model`'s reliability heads after the last stage: a DMIL classifier with
-    reliability heads, `reliability_refit_steps` > 0, heads to refit (`DmilConfig.refit_modalities`) and a training
-    split with the corruption column to learn from."""
+    reliability heads, `reliability_refit_steps` > 0, heads to refit (`DmilConfig.refit_modalities`) and (where
+    `train_dataset` is given) a split with the corruption column to learn from."""
     config = model.config
     return (hasattr(model, "refit_reliability") and hasattr(model.dmil, "reliability")
             and getattr(config, "reliability_refit_steps", 0) > 0 and bool(config.refit_modalities())
-            and CORRUPTION_INPUT in (getattr(train_dataset, "column_names", None) or ()))
+            and (train_dataset is None or CORRUPTION_INPUT in (getattr(train_dataset, "column_names", None) or ())))
 
 
 def refit_split(model, train, modalities, max_rows: int | None = None):
@@ -444,10 +444,8 @@ def refit_split(model, train, modalities, max_rows: int | None = None):
     towers never run on rows the refit would not read."""
     from .modeling_dmil import REFIT_MAX_ROWS
 
-    config = model.config
-    share = getattr(config, "reliability_refit_corruption", None)
-    if share is None or not getattr(config, "reliability_refit_steps", 0) or not hasattr(model, "refit_reliability") \
-            or not getattr(config, "reliability_gating", False) or not config.refit_modalities():
+    share = getattr(model.config, "reliability_refit_corruption", None)
+    if share is None or not refits_reliability(model):
         return None
     from .data import add_training_corruption
 
