@@ -165,7 +165,7 @@ class DmilClassifierOutput(_DmilOutput):
             prediction into redundancy, uniqueness and synergy (see [`pointwise_interaction_weights`]); needs no label.
             Multi-label: the split of the predicted label set (every label's decision at once). Regression: the gate
             weights. With `reliability_marginalization`, the readouts of the subsets of modalities that may work,
-            each weighted by how probable it is given the predicted class (see [`subset_posterior`]).
+            each weighted by its share of the evidence for the predicted class (see [`subset_evidence`]).
         gate_weights (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2)`): the gate's softmax weights
             that mix `component_logits` into `logits`; each row sums to one. They serve accuracy, not reading.
         component_logits (`torch.FloatTensor` of shape `(batch_size, num_modalities + 2, num_labels)`).
@@ -246,13 +246,24 @@ def subset_probabilities(modality_reliability, mask, subsets):
 def subset_posterior(prior, probabilities, predicted):
     """`(V, B, 1)` probability that each subset of modalities is the one that works, given the class the mixture
     predicts: `prior` `(V, B, 1)` (`subset_probabilities`, subset-first) times each subset's probability of the
-    predicted class (`probabilities` `(V, B, C)`, `predicted` `(B,)`), normalised over the subsets. A modality the
-    reliability head doubts but that alone explains the prediction (a clean sentence in a style the head never saw)
-    keeps its weight; one whose absence predicts as well gets no more than its prior."""
+    predicted class (`probabilities` `(V, B, C)`, `predicted` `(B,)`), normalised over the subsets."""
     likelihood = probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
     joint = prior * likelihood
     total = joint.sum(0, keepdim=True)
     return torch.where(total > 0, joint / total.clamp(min=1e-30), prior)
+
+
+def subset_evidence(prior, probabilities, predicted):
+    """`(V, B, 1)` share of each subset of modalities in the evidence for the class the mixture predicts: `prior`
+    `(V, B, 1)` (`subset_probabilities`, subset-first) times how far each subset's probability of the predicted class
+    (`probabilities` `(V, B, C)`, `predicted` `(B,)`) exceeds chance (`1 / C`), normalised over the subsets. A subset
+    that predicts at chance explains nothing, however probable it is: a modality the reliability head doubts but that
+    alone explains the prediction (a clean sentence in a style the head never saw) takes the weight; one whose
+    absence predicts as well keeps no more than its prior's share. Where no subset beats chance: [`subset_posterior`]."""
+    likelihood = probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
+    lift = prior * (likelihood - 1.0 / probabilities.shape[-1]).clamp(min=0.0)
+    total = lift.sum(0, keepdim=True)
+    return torch.where(total > 0, lift / total.clamp(min=1e-30), subset_posterior(prior, probabilities, predicted))
 
 
 def learns_responsibility(config) -> bool:
@@ -1925,17 +1936,17 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
     def _marginalize(self, result: DmilClassifierOutput, out: DmilModelOutput) -> DmilClassifierOutput:
         """`result` with `logits` (log-probabilities) replaced by their mixture over the subsets of modalities that may
         work, each subset's prediction made as if the others were missing, weighted by `out.subset_weights`; and with
-        `interaction_weights` and `gate_weights` mixed over the subsets by their posterior given the predicted class
-        ([`subset_posterior`]): what the prediction rests on (loss and the other fields stay those of the soft
-        pass)."""
+        `interaction_weights` and `gate_weights` mixed over the subsets by their share of the evidence for the
+        predicted class ([`subset_evidence`]): what the prediction rests on (loss and the other fields stay those of
+        the soft pass)."""
         subsets = self.classify(out.subset_decomposition)
         weights = out.subset_weights.t().unsqueeze(-1)  # (V, B, 1)
         probabilities = subsets.logits.float().softmax(-1).view(*weights.shape[:2], -1)  # (V, B, C)
         marginal = (weights * probabilities).sum(0)
-        posterior = subset_posterior(weights, probabilities, marginal.argmax(-1))
+        evidence = subset_evidence(weights, probabilities, marginal.argmax(-1))
 
         def mix(values):
-            return (posterior * values.view(*posterior.shape[:2], -1)).sum(0)
+            return (evidence * values.view(*evidence.shape[:2], -1)).sum(0)
 
         # Heads never trained on corrupted rows trust every present modality: the mixture is the soft pass itself, whose
         # logits stay as they are (not turned into log-probabilities).
@@ -2230,5 +2241,6 @@ __all__ = [
     "evaluate_loss",
     "loss_coefficients",
     "pointwise_interaction_weights",
+    "subset_evidence",
     "subset_posterior",
 ]

@@ -32,6 +32,29 @@ def test_subset_posterior():
     torch.testing.assert_close(posterior[:, 1], prior[:, 1, 0])
 
 
+def test_subset_evidence_counts_only_what_beats_chance():
+    from dmil_hf.modeling_dmil import subset_evidence, subset_posterior
+
+    # Four classes (chance 0.25), three subsets, three samples.
+    prior = torch.tensor([[0.1, 0.2, 0.5], [0.9, 0.3, 0.5], [0.0, 0.5, 0.0]]).unsqueeze(-1)
+    probabilities = torch.tensor([
+        [[0.85, 0.05, 0.05, 0.05], [0.55, 0.15, 0.15, 0.15], [0.25, 0.25, 0.25, 0.25]],
+        [[0.25, 0.25, 0.25, 0.25], [0.40, 0.20, 0.20, 0.20], [0.10, 0.30, 0.30, 0.30]],
+        [[0.25, 0.25, 0.25, 0.25], [0.10, 0.30, 0.30, 0.30], [0.25, 0.25, 0.25, 0.25]],
+    ])
+    predicted = torch.tensor([0, 0, 0])
+    evidence = subset_evidence(prior, probabilities, predicted).squeeze(-1)
+    # sample 0: a doubted subset (prior 0.1) that alone lifts class 0 above chance takes all the weight; the trusted
+    # one (0.9) predicts at chance and explains nothing. Its posterior would have favoured the trusted one.
+    torch.testing.assert_close(evidence[:, 0], torch.tensor([1.0, 0.0, 0.0]))
+    assert subset_posterior(prior, probabilities, predicted)[1, 0, 0] > 0.5
+    # sample 1: the prior times the lift over chance (0.2 * 0.30, 0.3 * 0.15), a subset below chance gets nothing
+    torch.testing.assert_close(evidence[:, 1], torch.tensor([0.06, 0.045, 0.0]) / 0.105)
+    # sample 2: no subset beats chance: the posterior
+    torch.testing.assert_close(evidence[:, 2], subset_posterior(prior, probabilities, predicted)[:, 2, 0])
+    torch.testing.assert_close(evidence.sum(0), torch.ones(3))
+
+
 def _three_feature_model(**overrides):
     tester = ModelTester(("alpha", "beta", "gamma"), batch_size=6)
     torch.manual_seed(0)
@@ -69,15 +92,19 @@ def test_an_uncertain_modality_mixes_its_presence_and_its_absence():
     with_alpha = model(**inputs).logits.softmax(-1)
     without = model(beta_features=inputs["beta_features"], gamma_features=inputs["gamma_features"]).logits.softmax(-1)
     torch.testing.assert_close(out.logits.exp(), 0.5 * with_alpha + 0.5 * without, atol=1e-5, rtol=0)
-    # The readout mixes the two paths by how well each explains the predicted class, not half and half.
+    # The readout mixes the two paths by their evidence for the predicted class (lift above chance), not half and half.
     predicted = out.logits.argmax(-1, keepdim=True)
-    trusted = with_alpha.gather(-1, predicted) / (with_alpha.gather(-1, predicted) + without.gather(-1, predicted))
+    chance = 1.0 / model.config.num_labels
+    lift_with = (with_alpha.gather(-1, predicted) - chance).clamp(min=0)
+    lift_without = (without.gather(-1, predicted) - chance).clamp(min=0)
+    assert ((lift_with + lift_without) > 0).all()  # the posterior fallback is tested above
+    trusted = lift_with / (lift_with + lift_without)
     readout_with = model(**inputs).interaction_weights
     readout_without = model(beta_features=inputs["beta_features"],
                             gamma_features=inputs["gamma_features"]).interaction_weights
     torch.testing.assert_close(out.interaction_weights, trusted * readout_with + (1 - trusted) * readout_without,
                                atol=1e-5, rtol=0)
-    assert not torch.allclose(trusted, torch.full_like(trusted, 0.5), atol=1e-3)  # the posterior is not the prior
+    assert not torch.allclose(trusted, torch.full_like(trusted, 0.5), atol=1e-3)  # the evidence is not the prior
     # the soft gating of earlier versions, and training, do not marginalise
     model.config.reliability_marginalization = False
     assert not model.marginalizes_reliability

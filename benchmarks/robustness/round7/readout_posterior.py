@@ -26,9 +26,10 @@ def main(run, dataset, modality):
     dsd = load_dataset_from_name_or_path(dataset)
     names = np.asarray(model.config.component_names)
     unique = list(names).index(f"unique_{modality}")
-    posterior = modeling_dmil.subset_posterior
-    for mode, mixing in (("prior", lambda prior, probabilities, predicted: prior), ("posterior", posterior)):
-        modeling_dmil.subset_posterior = mixing
+    evidence = modeling_dmil.subset_evidence  # the readout's mixing since round 11; round 7 compared these two
+    for mode, mixing in (("prior", lambda prior, probabilities, predicted: prior),
+                         ("posterior", modeling_dmil.subset_posterior)):
+        modeling_dmil.subset_evidence = mixing
         for split in ("validation", "test"):
             interactions = np.asarray(dsd[split]["interaction"])
             report, predictions = evaluate_model(model, processor, dsd[split])
@@ -43,7 +44,7 @@ def main(run, dataset, modality):
                 print(f"{'':21s}unique_{modality} weight on its own samples, clean -> {name}: "
                       f"{weights['clean'][own, unique].mean():.2f} -> {weights[name][own, unique].mean():.2f}; "
                       f"on all samples {weights['clean'][:, unique].mean():.3f} -> {weights[name][:, unique].mean():.3f}")
-    modeling_dmil.subset_posterior = posterior
+    modeling_dmil.subset_evidence = evidence
 
 
 if __name__ == "__main__":
