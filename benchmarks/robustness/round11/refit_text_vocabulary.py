@@ -5,7 +5,12 @@ probability 1/2 from a broad vocabulary (`broad`: the whole words of the model's
 and test: clean accuracy, readout, noised and missing text, three quarters of the audio noised. Round 11, on round 9's
 `make run` models (which had no refit over frozen towers).
 
-    python benchmarks/robustness/round11/refit_text_vocabulary.py RUN today|broad
+    python benchmarks/robustness/round11/refit_text_vocabulary.py RUN today|broad|asis [MODALITIES [SHARE]]
+
+`asis`: the model as trained, no refit. MODALITIES (default `text,audio`): the heads refitted; SHARE (default 0.5):
+the copy's share of corrupted rows per modality. Also run on round 7's `digits` models (tiny towers, which `dmil
+train` does not refit): `refit-digits.txt`. (The `digits-pretrained` lines of `refit-text-vocabulary.txt` were printed
+before the vision and blank-audio columns were added.)
 """
 import sys, copy, tempfile, numpy as np, torch
 from transformers import AutoProcessor, TrainingArguments
@@ -17,6 +22,8 @@ from dmil_hf.loading import load_model
 from dmil_hf.preprocess import encode_dataset
 from dmil_hf.training import refit_reliability_heads
 run, mode = sys.argv[1], sys.argv[2]
+mods = sys.argv[3].split(",") if len(sys.argv) > 3 else ["text", "audio"]
+share = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
 base = load_model(run).eval(); proc = AutoProcessor.from_pretrained(run)
 dsd = load_dataset_from_name_or_path("digits")
 broad = sorted(w for w in proc.tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) >= 3)
@@ -26,7 +33,8 @@ def broad_text(text, degradation, rng, vocabulary):
         return orig(text, degradation, rng, vocabulary)
     words = text.split()
     return " ".join(str(rng.choice(broad)) if rng.random() < 0.5 else str(rng.choice(vocabulary)) for _ in range(max(1, len(words))))
-SETS = [("text", "noise", None), ("text", "missing", None), ("audio", "partial", 0.75)]
+SETS = [("text", "noise", None), ("text", "missing", None), ("vision", "noise", None), ("vision", "missing", None),
+        ("audio", "blank", None), ("audio", "partial", 0.75)]
 names = np.asarray(base.config.component_names)
 cache = {}
 def measure(model, tag):
@@ -44,16 +52,19 @@ def measure(model, tag):
         out.append(split[:4] + " " + " ".join(res))
     print(f"{run.split('/')[-1]} {tag:8s} " + " | ".join(out), flush=True)
 modalities = inspect_dataset(dsd).modalities
+if mode == "asis":
+    measure(base, "asis")
+    sys.exit()
 if mode == "broad":
     dg._degrade_text = broad_text
-train = add_training_corruption(dsd["train"], modalities, 0.5, seed=0)
+train = add_training_corruption(dsd["train"], modalities, share, seed=0)
 dg._degrade_text = orig
 print(run, mode, "sample noised texts:", [t for t, c in zip(train["text"][-4000:], train["modality_corruption"][-4000:]) if c[0] == 1][:5], flush=True)
 encoded = encode_dataset(dsd, proc, modalities, train=train)
 model = copy.deepcopy(base)
-model.config.reliability_refit_steps = 3000; model.config.reliability_refit_modalities = ["text", "audio"]
+model.config.reliability_refit_steps = 3000; model.config.reliability_refit_modalities = mods
 with tempfile.TemporaryDirectory() as folder:
     args = TrainingArguments(output_dir=folder, per_device_train_batch_size=64, seed=0, report_to="none", disable_tqdm=True,
                              remove_unused_columns=False, dataloader_num_workers=0)
     refit_reliability_heads(model, args, encoded["train"], encoded["validation"])
-measure(model.eval(), mode)
+measure(model.eval(), mode if mods == ["text", "audio"] and share == 0.5 else f"{mode} {','.join(mods)} {share}")
