@@ -2044,13 +2044,19 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         loss = None
         if labels is not None:
             # The components learn from the samples whose modalities they read are intact (redundancy: all
-            # samples; it reads the reliable modalities).
-            intact = (clean | ~mask).all(1, keepdim=True)
-            component_trained = component_mask & torch.cat([torch.ones_like(intact), clean, intact], 1)
+            # samples; it reads the reliable modalities), and with `partial_corruption_weight` from those whose
+            # modalities are partly noised; each sample weighs the product of its modalities' weights.
+            usable = clean.to(gated.dtype)
+            if modality_corruption is not None and config.partial_corruption_weight:
+                level = modality_corruption.to(mask.device)
+                partial = mask & (level > 0) & (level < 1)
+                usable = usable + config.partial_corruption_weight * partial.to(usable.dtype)
+            intact = torch.where(mask, usable, torch.ones_like(usable)).prod(1, keepdim=True)
+            component_trained = component_mask * torch.cat([torch.ones_like(intact), usable, intact], 1)
             # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the
-            # component heads, each averaged over the samples it learns from.
+            # component heads, each averaged over the samples it learns from (weighted).
             heads = torch.cat([gated.unsqueeze(0), unimodal_first, modality_first, components_first], 0)
-            learns = torch.cat([torch.ones_like(intact), clean, mask, component_trained], 1)
+            learns = torch.cat([torch.ones_like(intact), usable, mask.to(usable.dtype), component_trained], 1)
             losses = self._task_loss(heads, labels)
             if out.synergy_pair_embeds is not None:
                 # The synergy component learns from its pooled latent and from each present pair's alone (the mean).
@@ -2066,7 +2072,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
             names = (["task_gated"] + _names("task_unimodal_{}", modalities) + _names("readout_{}", modalities)
                      + _names("task_component_{}", config.component_names) + ["gate_synergy"])
             rows = torch.cat([losses, weights[:, -1:].t().to(losses.dtype)])
-            used = torch.cat([learns, component_mask[:, -1:]], 1).t()
+            used = torch.cat([learns, component_mask[:, -1:].to(learns.dtype)], 1).t()
             terms.update(_by_name(names, _masked_means(rows, used)))
             if out.partial_decomposition is not None:
                 terms.update(self._reliability_responsibility_terms(out, labels, modality_corruption))

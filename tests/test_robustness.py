@@ -2,6 +2,7 @@
 per-modality reliability (a modality judged unreliable is handled like a missing one)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -606,3 +607,47 @@ def test_reliability_refit_corruption_is_checked_and_adds_the_frozen_towers():
     saved.pop("reliability_refit_corruption")
     old = DmilConfig.from_dict(saved)
     assert old.reliability_refit_corruption is None and old.refit_modalities() == ["alpha"]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_partly_corrupted_rows_train_the_components_with_their_weight(weight):
+    """`partial_corruption_weight`: a row whose modality is partly noised counts with this weight in the task losses of
+    the heads that read that modality (its unimodal head, its unique component, synergy); a row with the modality
+    replaced by noise never does."""
+    tester = _features_tester()
+    torch.manual_seed(0)
+    config = tester.config(modality_dropout=0.0, partial_corruption_weight=weight)
+    model = DmilForMultimodalClassification(config).eval()
+    model.set_training_stage(3)
+    inputs, labels = tester.inputs(), tester.labels()
+    heads = ("task_unimodal_alpha", "task_component_unique_alpha", "task_component_synergy")
+
+    def terms(rows, corruption):
+        batch = {k: v[rows] for k, v in inputs.items()}
+        out = model(**batch, labels=labels[rows], modality_corruption=corruption)
+        return {name: float(out.loss_terms[name].detach()) for name in heads + ("task_component_unique_beta",)}
+
+    partial, intact = list(range(4)), list(range(4, 8))
+    alone = {key: terms(rows, torch.zeros(4, 2)) for key, rows in (("partial", partial), ("intact", intact))}
+    corruption = torch.zeros(8, 2)
+    corruption[:4, 0] = 0.4
+    mixed = terms(partial + intact, corruption)
+    for name in heads:  # the weighted mean of the two halves' losses (each row's loss as if it were intact)
+        expected = (4 * alone["intact"][name] + 4 * weight * alone["partial"][name]) / (4 + 4 * weight)
+        assert mixed[name] == pytest.approx(expected, rel=1e-5), name
+    # beta's own head reads an intact beta on every row
+    assert mixed["task_component_unique_beta"] == pytest.approx(
+        (alone["intact"]["task_component_unique_beta"] + alone["partial"]["task_component_unique_beta"]) / 2, rel=1e-5)
+    corruption[:4, 0] = 1.0  # replaced by noise: never a component's training row
+    assert terms(partial + intact, corruption)["task_component_unique_alpha"] == pytest.approx(
+        alone["intact"]["task_component_unique_alpha"], rel=1e-5)
+
+
+def test_partial_corruption_weight_is_checked_and_saved(tmp_path):
+    tester = _features_tester()
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match="partial_corruption_weight"):
+            tester.config(partial_corruption_weight=bad)
+    assert tester.config().partial_corruption_weight == 0.0  # opt-in
+    DmilForMultimodalClassification(tester.config(partial_corruption_weight=0.3)).save_pretrained(tmp_path)
+    assert DmilForMultimodalClassification.from_pretrained(tmp_path).config.partial_corruption_weight == 0.3
