@@ -192,7 +192,8 @@ def run_training(settings: RunSettings) -> dict:
     model = build_run_model(settings, schema, processor)
     # The reliability refit's own corrupted copy; none where the stages saw no corrupted rows (the heads are untrained).
     refit = refit_split(model, dsd["train"], schema.modalities) if train is not None else None
-    refit = None if refit is None else encode_split(refit, processor, schema.modalities)
+    if refit is not None:
+        refit = encode_split(refit, processor, schema.modalities)
     if settings.lora:
         apply_lora(model)
     # Everything is checked: only now may an earlier run in output_dir go. Every process checked the folder before

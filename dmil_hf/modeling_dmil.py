@@ -243,14 +243,23 @@ def subset_probabilities(modality_reliability, mask, subsets):
     return torch.where(total > 1e-12, probability / total.clamp(min=1e-12), present).to(modality_reliability.dtype)
 
 
+def _predicted_probability(probabilities, predicted):
+    """`(V, B, 1)` each subset's probability (`probabilities` `(V, B, C)`) of the predicted class (`predicted`
+    `(B,)`)."""
+    return probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
+
+
+def _normalised_over_subsets(weights, fallback):
+    """`weights` `(V, B, 1)` normalised over the subsets; `fallback` for the samples whose weights are all zero."""
+    total = weights.sum(0, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp(min=1e-30), fallback)
+
+
 def subset_posterior(prior, probabilities, predicted):
     """`(V, B, 1)` probability that each subset of modalities is the one that works, given the class the mixture
     predicts: `prior` `(V, B, 1)` (`subset_probabilities`, subset-first) times each subset's probability of the
     predicted class (`probabilities` `(V, B, C)`, `predicted` `(B,)`), normalised over the subsets."""
-    likelihood = probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
-    joint = prior * likelihood
-    total = joint.sum(0, keepdim=True)
-    return torch.where(total > 0, joint / total.clamp(min=1e-30), prior)
+    return _normalised_over_subsets(prior * _predicted_probability(probabilities, predicted), prior)
 
 
 def subset_evidence(prior, probabilities, predicted):
@@ -259,11 +268,11 @@ def subset_evidence(prior, probabilities, predicted):
     (`probabilities` `(V, B, C)`, `predicted` `(B,)`) exceeds chance (`1 / C`), normalised over the subsets. A subset
     that predicts at chance explains nothing, however probable it is: a modality the reliability head doubts but that
     alone explains the prediction (a clean sentence in a style the head never saw) takes the weight; one whose
-    absence predicts as well keeps no more than its prior's share. Where no subset beats chance: [`subset_posterior`]."""
-    likelihood = probabilities.gather(-1, predicted.view(1, -1, 1).expand(probabilities.shape[0], -1, 1))
-    lift = prior * (likelihood - 1.0 / probabilities.shape[-1]).clamp(min=0.0)
-    total = lift.sum(0, keepdim=True)
-    return torch.where(total > 0, lift / total.clamp(min=1e-30), subset_posterior(prior, probabilities, predicted))
+    absence predicts as well keeps no more than its prior's share. Where no subset beats chance:
+    [`subset_posterior`]."""
+    likelihood = _predicted_probability(probabilities, predicted)
+    posterior = _normalised_over_subsets(prior * likelihood, prior)
+    return _normalised_over_subsets(prior * (likelihood - 1.0 / probabilities.shape[-1]).clamp(min=0.0), posterior)
 
 
 def learns_responsibility(config) -> bool:
@@ -2051,7 +2060,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 level = modality_corruption.to(mask.device)
                 partial = mask & (level > 0) & (level < 1)
                 usable = usable + config.partial_corruption_weight * partial.to(usable.dtype)
-            intact = torch.where(mask, usable, torch.ones_like(usable)).prod(1, keepdim=True)
+            intact = torch.where(mask, usable, 1.0).prod(1, keepdim=True)
             component_trained = component_mask * torch.cat([torch.ones_like(intact), usable, intact], 1)
             # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the
             # component heads, each averaged over the samples it learns from (weighted).
