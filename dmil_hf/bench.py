@@ -69,12 +69,13 @@ PAPER_SETTINGS = {"synergy_source": "irrelevant", "synergy_structure": "joint", 
                   "tower_pooling": "auto", "stage1_synergy_weight": 0.0, "reliability_gating": False,
                   "reliability_marginalization": False, "reliability_tower_gradient": 0.0,
                   "reliability_partial_target": "level", "reliability_refit_steps": 0, "modality_dropout": 0.0,
-                  "frozen_tower_dropout": 0.1, "train_corruption": 0.0}
+                  "frozen_tower_dropout": 0.1, "partial_corruption_weight": 0.0, "train_corruption": 0.0}
 # Settings of the ablation that are `dmil train` options rather than `DmilConfig` fields.
 RUN_OPTIONS = {"train_corruption": "--train-corruption"}
 # Fields that act on some modalities only: their variants are trained only on configurations that have them.
 FIELD_SCOPES = {"tower_pooling": "towers", "reliability_tower_gradient": "towers",
-                "frozen_tower_dropout": "frozen towers", "reliability_refit_steps": "feature vectors or frozen towers"}
+                "frozen_tower_dropout": "frozen towers", "partial_corruption_weight": "frozen towers",
+                "reliability_refit_steps": "feature vectors or frozen towers"}
 
 
 def acts_on(field: str, configuration: str) -> bool:
@@ -87,12 +88,13 @@ def acts_on(field: str, configuration: str) -> bool:
 
 def ablation_variants() -> dict[str, dict]:
     """Variant name -> `DmilConfig` overrides: `paper`, `paper + <field>` for each deviating field, `defaults`."""
-    from .configuration_dmil import DmilConfig
+    from .configuration_dmil import DEFAULT_FROZEN_TOWER_PARTIAL_WEIGHT, DmilConfig
 
     config = DmilConfig(feature_modalities={"a": 1, "b": 1})
     defaults = {k: getattr(config, k) for k in PAPER_SETTINGS if k not in RUN_OPTIONS}
     defaults.update(modality_dropout=config.modality_dropout_probability,
                     frozen_tower_dropout=config.frozen_tower_dropout_probability,
+                    partial_corruption_weight=DEFAULT_FROZEN_TOWER_PARTIAL_WEIGHT["dmil"],
                     train_corruption=METHODS["dmil"].train_corruption)
     variants = {"paper": dict(PAPER_SETTINGS)}
     for field, value in defaults.items():

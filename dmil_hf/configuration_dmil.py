@@ -55,6 +55,9 @@ DEFAULT_MODALITY_DROPOUT = {"dmil": 0.1}
 # Dropout on the projected embeddings of frozen (or cached) towers by model type where
 # `DmilConfig.frozen_tower_dropout` is None; the other model types use `dropout` there too.
 DEFAULT_FROZEN_TOWER_DROPOUT = {"dmil": 0.5}
+# The weight of partly corrupted training rows in the components' losses, for frozen (or cached) towers, by model type
+# where `DmilConfig.partial_corruption_weight` is None; other modalities, and other model types, weigh them 0.
+DEFAULT_FROZEN_TOWER_PARTIAL_WEIGHT = {"dmil": 0.3}
 # The main inputs each tower kind may have; a config whose model does not take one of these is refused.
 TOWER_INPUTS = {name: tuple(tower.main_inputs) for name, tower in TOWERS.items()}
 RESERVED_NAMES = (frozenset(TOWERS) | {tower.column for tower in TOWERS.values()}
@@ -89,6 +92,7 @@ RELIABILITY_PARTIAL_TARGETS = ("level", "responsibility")
 _DEFAULTS_BEFORE = {"reliability_marginalization": False, "synergy_hidden_size": None, "synergy_subset_weight": 0.0,
                     "reliability_tower_gradient": 0.0, "reliability_partial_target": "level",
                     "reliability_refit_steps": 0, "reliability_refit_corruption": None,
+                    "partial_corruption_weight": 0.0,
                     "frozen_tower_dropout": lambda saved: saved.get("dropout", 0.1)}
 
 
@@ -333,17 +337,20 @@ class DmilConfig(PretrainedConfig):
             first). The stages' copy (15% per modality) shows a head few noised rows: on `digits-pretrained` the head
             over the frozen MiniLM trusted word salad of words it had not seen (BENCHMARKS.md, "Round 10"). `None` (configs saved before this field): the refit reads the training
             split as the last stage read it, and refits no tower's head by default.
-        partial_corruption_weight (`float`, defaults to 0.0): the weight with which a training row whose modality is
+        partial_corruption_weight (`float`, *optional*): the weight with which a training row whose modality is
             partly corrupted (a `modality_corruption` level strictly between 0 and 1: signal and noise mixed) trains
             the heads that read that modality (its unimodal head, its `unique_<m>` component, the synergy
             component); intact rows weigh 1, rows with a modality replaced by noise 0 (the gate learns from them, the
             components do not). The components then learn what is left of a partly noised modality, which gating
             cannot give them (BENCHMARKS.md "Round 11": the reliability forced to 1 on a partly noised modality moved
-            accuracy by at most 1.6 points). A trade, hence opt-in: on `digits-pretrained` (3 seeds) 0.3 raised three
-            quarters of the audio noised from 67.2 to 70.1 on validation (test 65.1 -> 67.3; joint learning with the
-            same corruption 67.7) for 0.4 points of clean validation accuracy and 2 of synergy; on `synthetic3` it cost
-            0.6 points clean and 1 synergy on validation and lifted no partly noised set by more than 0.3. 0
-            (default): partly corrupted rows train the gate and the reliability heads only.
+            accuracy by at most 1.6 points). A value holds for every modality. `None` (default): the model type's
+            default for the towers of `freeze_towers` (`partial_corruption_weights`: 0.3 for DMIL) and 0 for feature
+            vectors and towers that train. On `digits-pretrained` (3 seeds) 0.3 on the frozen text and audio towers
+            raised three quarters of the audio noised from 65.1 to 67.7 on test (joint learning with the same
+            corruption 67.7; validation 67.2 -> 69.6) for 0.5 points of clean validation accuracy (test 0.2;
+            BENCHMARKS.md "Round 12"); on `synthetic3`
+            0.3 on every feature vector cost 0.6 points clean and 1 synergy on validation and lifted no partly noised
+            set, hence the rule by tower kind. Configs saved before this field: 0 everywhere.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1
@@ -421,7 +428,7 @@ class DmilConfig(PretrainedConfig):
         reliability_refit_steps: int = 3000,
         reliability_refit_modalities: list[str] | None = None,
         reliability_refit_corruption: float | None = 0.5,
-        partial_corruption_weight: float = 0.0,
+        partial_corruption_weight: float | None = None,
         modality_dropout: float | None = None,
         **kwargs,
     ):
@@ -540,10 +547,12 @@ class DmilConfig(PretrainedConfig):
                              "share of rows in (0, 1].")
         self.reliability_refit_corruption = (None if reliability_refit_corruption is None
                                              else float(reliability_refit_corruption))
-        if isinstance(partial_corruption_weight, bool) or not 0.0 <= float(partial_corruption_weight) <= 1.0:
-            raise ValueError(f"`partial_corruption_weight` is {partial_corruption_weight!r}; expected a weight in "
-                             "[0, 1].")
-        self.partial_corruption_weight = float(partial_corruption_weight)
+        if partial_corruption_weight is not None and (isinstance(partial_corruption_weight, bool)
+                                                      or not 0.0 <= float(partial_corruption_weight) <= 1.0):
+            raise ValueError(f"`partial_corruption_weight` is {partial_corruption_weight!r}; expected None or a "
+                             "weight in [0, 1].")
+        self.partial_corruption_weight = (None if partial_corruption_weight is None
+                                          else float(partial_corruption_weight))
         self.modality_dropout = None if modality_dropout is None else float(modality_dropout)
         self.check_input_values = check_input_values
         if not isinstance(freeze_towers, (bool, str, list, tuple, set, frozenset)):
@@ -687,6 +696,16 @@ class DmilConfig(PretrainedConfig):
         towers, `dropout` for the others."""
         frozen = {m for m in self.frozen_modalities if self.tower_config(m) is not None}
         return {m: self.frozen_tower_dropout_probability if m in frozen else self.dropout for m in self.modalities}
+
+    def partial_corruption_weights(self) -> dict[str, float]:
+        """The weight of a partly corrupted training row in the losses of the heads that read each modality:
+        `partial_corruption_weight` for every modality where it is set, else the model type's default for the frozen
+        towers (0.3 for DMIL) and 0 for the other modalities."""
+        if self.partial_corruption_weight is not None:
+            return {m: self.partial_corruption_weight for m in self.modalities}
+        frozen = {m for m in self.frozen_modalities if self.tower_config(m) is not None}
+        weight = DEFAULT_FROZEN_TOWER_PARTIAL_WEIGHT.get(self.model_type, 0.0)
+        return {m: weight if m in frozen else 0.0 for m in self.modalities}
 
     @property
     def component_names(self) -> tuple[str, ...]:

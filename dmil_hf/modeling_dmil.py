@@ -2053,13 +2053,15 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
         loss = None
         if labels is not None:
             # The components learn from the samples whose modalities they read are intact (redundancy: all
-            # samples; it reads the reliable modalities), and with `partial_corruption_weight` from those whose
+            # samples; it reads the reliable modalities), and with `partial_corruption_weights` from those whose
             # modalities are partly noised; each sample weighs the product of its modalities' weights.
             usable = clean.to(gated.dtype)
-            if modality_corruption is not None and config.partial_corruption_weight:
+            partial_weights = None if modality_corruption is None else config.partial_corruption_weights()
+            if partial_weights is not None and any(partial_weights.values()):
                 level = modality_corruption.to(mask.device)
                 partial = mask & (level > 0) & (level < 1)
-                usable = usable + config.partial_corruption_weight * partial.to(usable.dtype)
+                weight = usable.new_tensor([partial_weights[m] for m in config.modalities])
+                usable = usable + weight * partial.to(usable.dtype)
             intact = torch.where(mask, usable, 1.0).prod(1, keepdim=True)
             component_trained = component_mask * torch.cat([torch.ones_like(intact), usable, intact], 1)
             # Every head's task loss in one call: the gated prediction, the unimodal heads, the readout's heads, the

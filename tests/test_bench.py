@@ -86,6 +86,9 @@ def test_rows_and_their_train_commands():
 def test_the_ablation_trains_a_deviation_only_where_it_acts():
     variants = bench.ablation_variants()
     assert variants["paper + frozen_tower_dropout=0.5"]["frozen_tower_dropout"] == 0.5
+    assert variants["paper + partial_corruption_weight=0.3"]["partial_corruption_weight"] == 0.3
+    assert bench.acts_on("partial_corruption_weight", "digits-pretrained")
+    assert not bench.acts_on("partial_corruption_weight", "synthetic")
     assert variants["paper"]["reliability_refit_steps"] == 0 and "paper + reliability_refit_steps=3000" in variants
     where = {field: [c for c in bench.DATASETS if bench.acts_on(field, c)]
              for field in ("frozen_tower_dropout", "tower_pooling", "reliability_refit_steps", "lamb")}
@@ -163,7 +166,8 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch):
     variants = saved["ablation"]["summary"]["synthetic"]
     assert set(variants) == set(bench.ablation_variants()) - {"paper + tower_pooling=mean",
                                                                "paper + reliability_tower_gradient=0.25",
-                                                               "paper + frozen_tower_dropout=0.5"}
+                                                               "paper + frozen_tower_dropout=0.5",
+                                                               "paper + partial_corruption_weight=0.3"}
     assert variants["defaults"]["accuracy"]["mean"] == saved["runs"][0]["test"]["accuracy"]
     report = (tmp_path / "results.md").read_text()
     assert "## synthetic" in report and "## Ablation" in report and "| paper |" in report

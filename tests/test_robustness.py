@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from dmil_hf import DmilConfig, DmilForMultimodalClassification
+from dmil_hf.baselines import DmilJointConfig
 from dmil_hf.configuration_dmil import CORRUPTION_INPUT
 from dmil_hf.data import (DEGRADATIONS, Degradation, add_training_corruption, degrade_split, make_synthetic,
                           parse_degraded_name)
@@ -609,14 +610,15 @@ def test_reliability_refit_corruption_is_checked_and_adds_the_frozen_towers():
     assert old.reliability_refit_corruption is None and old.refit_modalities() == ["alpha"]
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("weight", [None, 0.0, 0.3, 1.0])
 def test_partly_corrupted_rows_train_the_components_with_their_weight(weight):
     """`partial_corruption_weight`: a row whose modality is partly noised counts with this weight in the task losses of
     the heads that read that modality (its unimodal head, its unique component, synergy); a row with the modality
-    replaced by noise never does."""
+    replaced by noise never does. By default (None) feature vectors weigh such rows 0."""
     tester = _features_tester()
     torch.manual_seed(0)
     config = tester.config(modality_dropout=0.0, partial_corruption_weight=weight)
+    weight = weight or 0.0
     model = DmilForMultimodalClassification(config).eval()
     model.set_training_stage(3)
     inputs, labels = tester.inputs(), tester.labels()
@@ -648,6 +650,22 @@ def test_partial_corruption_weight_is_checked_and_saved(tmp_path):
     for bad in (-0.1, 1.5, True):
         with pytest.raises(ValueError, match="partial_corruption_weight"):
             tester.config(partial_corruption_weight=bad)
-    assert tester.config().partial_corruption_weight == 0.0  # opt-in
     DmilForMultimodalClassification(tester.config(partial_corruption_weight=0.3)).save_pretrained(tmp_path)
     assert DmilForMultimodalClassification.from_pretrained(tmp_path).config.partial_corruption_weight == 0.3
+
+
+def test_partial_corruption_weight_defaults_to_frozen_towers_only():
+    """None (default): DMIL weighs partly corrupted rows 0.3 for its frozen towers and 0 for towers that train and
+    feature vectors; a set weight holds for every modality; the baselines and configs saved before the field: 0."""
+    tester = ModelTester(("text", "vision", "alpha"))
+    config = tester.config(freeze_towers=["text"])
+    assert config.partial_corruption_weight is None
+    assert config.partial_corruption_weights() == {"text": 0.3, "vision": 0.0, "alpha": 0.0}
+    assert tester.config().partial_corruption_weights() == {"text": 0.0, "vision": 0.0, "alpha": 0.0}
+    assert tester.config(freeze_towers=["text"], partial_corruption_weight=0.1).partial_corruption_weights() == {
+        "text": 0.1, "vision": 0.1, "alpha": 0.1}
+    joint = DmilJointConfig.from_dict(config.to_dict())
+    assert set(joint.partial_corruption_weights().values()) == {0.0}
+    saved = config.to_dict()
+    saved.pop("partial_corruption_weight")
+    assert set(DmilConfig.from_dict(saved).partial_corruption_weights().values()) == {0.0}
