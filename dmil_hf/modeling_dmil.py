@@ -426,12 +426,12 @@ class DmilReliability(nn.Module):
         logits = torch.stack([self.heads[m](head_input(i, m)).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for i, m in enumerate(names)], 1).float()
         if corruption is None:  # no target: zeros that keep the heads in the graph (DDP wants every parameter)
-            terms = {f"reliability_{m}": logits[:, i].sum() * 0.0 for i, m in enumerate(names)}
+            terms = LossTerms().add(_names("reliability_{}", names), logits.sum(0) * 0.0)
         else:
             terms = self._terms(logits, 1.0 - corruption, mask)
         if corruption is not None and self.training:
             self.calibrated.fill_(1.0)
-        reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
+        reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), 1.0)
         return reliability * mask.to(reliability.dtype), terms, logits
 
     def _terms(self, logits, target, mask) -> dict:
@@ -559,14 +559,56 @@ def _names(template: str, names) -> list[str]:
     return [template.format(name) for name in names]
 
 
-def _by_name(names: list, values) -> dict:
-    """`{name: value}` for a `(len(names),)` tensor of loss terms: every term cut from one vector (one autograd node,
-    not one per term)."""
-    return dict(zip(names, values.unbind(0)))
+class LossTerms(dict):
+    """
+    The named loss terms (0-d tensors by name), remembering the vectors they were cut from: `add` cuts a `(len(names),)`
+    vector of terms into its named entries (one autograd node, not one per term), and `stacked` gives every term back
+    as one vector without stacking those entries again. The stage loss ([`evaluate_loss`]) and `DmilTrainer`'s logging
+    read `stacked`, so the backward pass runs one slice per vector instead of a stack and an unbind per term.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vectors = []  # (names, the entries cut from the vector, the vector)
+        for other in args:
+            self.vectors.extend(getattr(other, "vectors", ()))
+
+    def add(self, names, values) -> "LossTerms":
+        """Add the terms `names` from one `(len(names),)` vector `values`."""
+        names, entries = tuple(names), values.unbind(0)
+        super().update(zip(names, entries))
+        self.vectors.append((names, entries, values))
+        return self
+
+    def update(self, other=(), **kwargs):
+        super().update(other, **kwargs)
+        self.vectors.extend(getattr(other, "vectors", ()))
+
+    def stacked(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """`(names, values)`: every term as one vector, `names` in its order. A vector added with `add` whose entries
+        all still stand under their names enters as it is; other terms (set one by one, or replaced) are stacked."""
+        return stacked_terms(self)
+
+
+def stacked_terms(terms: dict) -> tuple[tuple[str, ...], torch.Tensor]:
+    """`(names, values)`: the 0-d loss terms `terms` as one vector, `names` in its order; for a [`LossTerms`], the
+    vectors its terms were cut from enter as they are (see `LossTerms.stacked`)."""
+    loose, names, parts = dict(terms), [], []
+    for vector_names, entries, values in getattr(terms, "vectors", ()):
+        if all(loose.get(name) is entry for name, entry in zip(vector_names, entries)):
+            names.extend(vector_names)
+            parts.append(values)
+            for name in vector_names:
+                del loose[name]
+    if loose:
+        names.extend(loose)
+        parts.append(torch.stack([value if value.dim() == 0 else value.reshape(()) for value in loose.values()]))
+    return tuple(names), parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stack_modalities(values: list, mask) -> torch.Tensor:
-    """`(B, M, width)` from one `(B, width)` tensor per modality (None where absent), zero where `mask` is False."""
+    """`(B, M, width)` from one `(B, width)` tensor per modality (None where absent), zero where `mask` `(B, M)` is
+    False (a float `mask` weighs each modality of each sample)."""
     reference = next(v for v in values if v is not None)
     stacked = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in values], 1)
     return stacked * mask.unsqueeze(-1).to(stacked.dtype)
@@ -1232,7 +1274,8 @@ class DmilModel(DmilPreTrainedModel):
     def synergy_inputs(self, pooled: dict, mask, reliability=None):
         """The synergy component's per-modality inputs `(B, M, hidden)` from the pooled tower outputs (`"towers"`):
         stage 1 (the warm-up) reads them detached; stage 3 scales the gradient they send into the towers by
-        `synergy_tower_gradient`; its own projections always train."""
+        `synergy_tower_gradient`; its own projections always train. `reliability` `(B, M)`, where given, weighs each
+        view and must be zero where `mask` is False (as [`DmilReliability`] returns it)."""
         config = self.config
         scale = {1: 0.0, 2: 1.0, 3: config.synergy_tower_gradient}[config.training_stage]
         views = []
@@ -1241,9 +1284,9 @@ class DmilModel(DmilPreTrainedModel):
                 views.append(None)
                 continue
             views.append(self.encoders.dropouts[m](self.synergy_projections[m](scale_gradient(pooled[m], scale))))
-        views = _stack_modalities(views, mask)
-        # An unreliable modality is read as a missing one (whose view is zero), smoothly.
-        return views if reliability is None else views * reliability.unsqueeze(-1).to(views.dtype)
+        # An unreliable modality is read as a missing one (whose view is zero), smoothly. The reliabilities are zero
+        # where the mask is (one product, not one by the mask and another by the reliabilities).
+        return _stack_modalities(views, mask if reliability is None else reliability)
 
     def level1_modules(self):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
@@ -1396,10 +1439,11 @@ class DmilModel(DmilPreTrainedModel):
         # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
         weights = (mask if reliability is None else reliability).t().unsqueeze(-1).to(r_mean.dtype)
         precision = (-v_logvar).exp() * weights
-        poe_mean = (v_mean * precision).sum(0) / precision.sum(0).clamp(min=1e-6)
+        total_precision = precision.sum(0).clamp(min=1e-6)
+        poe_mean = (v_mean * precision).sum(0) / total_precision
         poe_sample = poe_mean
         if self.training:
-            poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(0).clamp(min=1e-6).rsqrt()
+            poe_sample = poe_mean + torch.randn_like(poe_mean) * total_precision.rsqrt()
         if reliability is None:
             redundant = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
         else:
@@ -1419,7 +1463,7 @@ class DmilModel(DmilPreTrainedModel):
                  + _names("reconstruction_relevant_{}", modalities))
         rows = torch.cat([kls, reconstruction, reconstruction_relevant])
         used = torch.cat([clean, all_present.expand_as(present), present, all_present.unsqueeze(0), clean, present])
-        terms = _by_name(names, _masked_means(rows, used))
+        terms = LossTerms().add(names, _masked_means(rows, used))
         irrelevant_means = mu_ir.transpose(0, 1)
 
         # Synergy: deterministic, from one vector per modality and their pairwise element-wise products. The paper
@@ -1599,11 +1643,10 @@ def evaluate_loss(expression, terms: dict, config):
     the terms stacked and multiplied by their `loss_coefficients` in one product. Terms the expression does not name
     stay out of it (a NaN among them does not reach the loss)."""
     coefficients = loss_coefficients(expression, config)
-    names = tuple(terms)
-    missing = coefficients.keys() - set(names)
+    missing = coefficients.keys() - terms.keys()
     if missing:
-        raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(names)}.")
-    values = torch.stack([terms[name] for name in names])
+        raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(terms)}.")
+    names, values = stacked_terms(terms)
     loss_weights = _loss_weights if torch.compiler.is_compiling() else _cached_loss_weights
     index, weights = loss_weights(names, tuple(coefficients.items()), values.dtype, values.device)
     return values.index_select(0, index) @ weights
@@ -2049,7 +2092,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
                                                         available, multi_label=multi_label)
 
-        terms = dict(out.loss_terms)
+        terms = LossTerms(out.loss_terms)
         loss = None
         if labels is not None:
             # The components learn from the samples whose modalities they read are intact (redundancy: all
@@ -2082,7 +2125,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                      + _names("task_component_{}", config.component_names) + ["gate_synergy"])
             rows = torch.cat([losses, weights[:, -1:].t().to(losses.dtype)])
             used = torch.cat([learns, component_mask[:, -1:].to(learns.dtype)], 1).t()
-            terms.update(_by_name(names, _masked_means(rows, used)))
+            terms.add(names, _masked_means(rows, used))
             if out.partial_decomposition is not None:
                 terms.update(self._reliability_responsibility_terms(out, labels, modality_corruption))
             loss = self._stage_loss(terms, stage)
@@ -2249,6 +2292,7 @@ __all__ = [
     "DmilModelOutput",
     "DmilPreTrainedModel",
     "DmilReliability",
+    "LossTerms",
     "STAGE_LOSSES",
     "component_reliability",
     "drop_modalities",
