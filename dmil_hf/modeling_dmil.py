@@ -426,7 +426,7 @@ class DmilReliability(nn.Module):
         logits = torch.stack([self.heads[m](head_input(i, m)).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for i, m in enumerate(names)], 1).float()
         if corruption is None:  # no target: zeros that keep the heads in the graph (DDP wants every parameter)
-            terms = LossTerms().add(_names("reliability_{}", names), logits.sum(0) * 0.0)
+            terms = _by_name(_names("reliability_{}", names), logits.sum(0) * 0.0)
         else:
             terms = self._terms(logits, 1.0 - corruption, mask)
         if corruption is not None and self.training:
@@ -559,51 +559,37 @@ def _names(template: str, names) -> list[str]:
     return [template.format(name) for name in names]
 
 
-class LossTerms(dict):
-    """
-    The named loss terms (0-d tensors by name), remembering the vectors they were cut from: `add` cuts a `(len(names),)`
-    vector of terms into its named entries (one autograd node, not one per term), and `stacked` gives every term back
-    as one vector without stacking those entries again. The stage loss ([`evaluate_loss`]) and `DmilTrainer`'s logging
-    read `stacked`, so the backward pass runs one slice per vector instead of a stack and an unbind per term.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.vectors = []  # (names, the entries cut from the vector, the vector)
-        for other in args:
-            self.vectors.extend(getattr(other, "vectors", ()))
-
-    def add(self, names, values) -> "LossTerms":
-        """Add the terms `names` from one `(len(names),)` vector `values`."""
-        names, entries = tuple(names), values.unbind(0)
-        super().update(zip(names, entries))
-        self.vectors.append((names, entries, values))
-        return self
-
-    def update(self, other=(), **kwargs):
-        super().update(other, **kwargs)
-        self.vectors.extend(getattr(other, "vectors", ()))
-
-    def stacked(self) -> tuple[tuple[str, ...], torch.Tensor]:
-        """`(names, values)`: every term as one vector, `names` in its order. A vector added with `add` whose entries
-        all still stand under their names enters as it is; other terms (set one by one, or replaced) are stacked."""
-        return stacked_terms(self)
+def _by_name(names: list, values) -> dict:
+    """`{name: value}` for a `(len(names),)` tensor of loss terms: every term cut from one vector (one autograd node,
+    not one per term); [`stacked_terms`] reads the vector back whole."""
+    return dict(zip(names, values.unbind(0)))
 
 
-def stacked_terms(terms: dict) -> tuple[tuple[str, ...], torch.Tensor]:
-    """`(names, values)`: the 0-d loss terms `terms` as one vector, `names` in its order; for a [`LossTerms`], the
-    vectors its terms were cut from enter as they are (see `LossTerms.stacked`)."""
-    loose, names, parts = dict(terms), [], []
-    for vector_names, entries, values in getattr(terms, "vectors", ()):
-        if all(loose.get(name) is entry for name, entry in zip(vector_names, entries)):
-            names.extend(vector_names)
-            parts.append(values)
-            for name in vector_names:
-                del loose[name]
+def stacked_terms(terms: dict) -> torch.Tensor:
+    """The 0-d loss terms `terms` as one vector, in their order. Terms that `_by_name` cut from one vector and that still
+    stand in its order enter as that vector (no stack of the terms, and in the backward pass no unbind of the vector);
+    the others are stacked. Under `torch.compile` / `torch.export` every term is stacked (the graph fuses them)."""
+    values = [value if value.dim() == 0 else value.reshape(()) for value in terms.values()]
+    if torch.compiler.is_compiling():
+        return torch.stack(values)
+    parts, loose, i = [], [], 0
+    while i < len(values):
+        base = values[i]._base
+        size = base.shape[0] if base is not None and base.dim() == 1 else 0
+        if size and all(i + k < len(values) and values[i + k]._base is base
+                        and values[i + k].storage_offset() == base.storage_offset() + k * base.stride(0)
+                        for k in range(size)):
+            if loose:
+                parts.append(torch.stack(loose))
+                loose = []
+            parts.append(base)
+            i += size
+        else:
+            loose.append(values[i])
+            i += 1
     if loose:
-        names.extend(loose)
-        parts.append(torch.stack([value if value.dim() == 0 else value.reshape(()) for value in loose.values()]))
-    return tuple(names), parts[0] if len(parts) == 1 else torch.cat(parts)
+        parts.append(torch.stack(loose))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _stack_modalities(values: list, mask) -> torch.Tensor:
@@ -1463,7 +1449,7 @@ class DmilModel(DmilPreTrainedModel):
                  + _names("reconstruction_relevant_{}", modalities))
         rows = torch.cat([kls, reconstruction, reconstruction_relevant])
         used = torch.cat([clean, all_present.expand_as(present), present, all_present.unsqueeze(0), clean, present])
-        terms = LossTerms().add(names, _masked_means(rows, used))
+        terms = _by_name(names, _masked_means(rows, used))
         irrelevant_means = mu_ir.transpose(0, 1)
 
         # Synergy: deterministic, from one vector per modality and their pairwise element-wise products. The paper
@@ -1646,7 +1632,7 @@ def evaluate_loss(expression, terms: dict, config):
     missing = coefficients.keys() - terms.keys()
     if missing:
         raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(terms)}.")
-    names, values = stacked_terms(terms)
+    names, values = tuple(terms), stacked_terms(terms)
     loss_weights = _loss_weights if torch.compiler.is_compiling() else _cached_loss_weights
     index, weights = loss_weights(names, tuple(coefficients.items()), values.dtype, values.device)
     return values.index_select(0, index) @ weights
@@ -2092,7 +2078,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                 readout = pointwise_interaction_weights(modality_logits, logits, trust, self.label_prior.log_prior(),
                                                         available, multi_label=multi_label)
 
-        terms = LossTerms(out.loss_terms)
+        terms = dict(out.loss_terms)
         loss = None
         if labels is not None:
             # The components learn from the samples whose modalities they read are intact (redundancy: all
@@ -2125,7 +2111,7 @@ class DmilForMultimodalClassification(DmilPreTrainedModel):
                      + _names("task_component_{}", config.component_names) + ["gate_synergy"])
             rows = torch.cat([losses, weights[:, -1:].t().to(losses.dtype)])
             used = torch.cat([learns, component_mask[:, -1:].to(learns.dtype)], 1).t()
-            terms.add(names, _masked_means(rows, used))
+            terms.update(_by_name(names, _masked_means(rows, used)))
             if out.partial_decomposition is not None:
                 terms.update(self._reliability_responsibility_terms(out, labels, modality_corruption))
             loss = self._stage_loss(terms, stage)
@@ -2292,7 +2278,6 @@ __all__ = [
     "DmilModelOutput",
     "DmilPreTrainedModel",
     "DmilReliability",
-    "LossTerms",
     "STAGE_LOSSES",
     "component_reliability",
     "drop_modalities",

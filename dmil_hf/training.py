@@ -151,9 +151,9 @@ class DmilTrainer(Trainer):
         outputs = model(**inputs)
         terms = getattr(outputs, "loss_terms", None)
         if model.training and terms:
-            with torch.no_grad():  # DMIL's terms come from a few vectors: read those, not each term (`LossTerms`)
-                names, values = stacked_terms(terms)
-                values = values.detach().float()
+            names = tuple(terms)
+            with torch.no_grad():  # DMIL's terms are cut from a few vectors: read those, not each term
+                values = stacked_terms(terms).detach().float()
             if names != self._term_names:
                 self._flush_terms()
                 self._term_names = names

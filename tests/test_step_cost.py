@@ -248,21 +248,18 @@ def _graph_nodes(tensor) -> set[str]:
 
 
 def test_loss_terms_enter_the_loss_as_the_vectors_they_were_cut_from():
-    from dmil_hf.modeling_dmil import LossTerms, stacked_terms
+    from dmil_hf.modeling_dmil import _by_name, stacked_terms
 
     first, second = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
-    terms = LossTerms().add(["a", "b"], first)
-    terms["c"] = torch.tensor(5.0)
-    terms.update(LossTerms().add(["d"], second))
-    names, values = stacked_terms(terms)
-    assert names == ("a", "b", "d", "c") and values.tolist() == [1.0, 2.0, 3.0, 5.0]
-    copied_names, copied_values = stacked_terms(LossTerms(terms))  # a copy keeps the vectors
-    assert copied_names == names and torch.equal(copied_values, values)
-    terms["b"] = torch.tensor(7.0)  # a replaced term: its vector no longer says what the terms are
-    names, values = stacked_terms(terms)
-    assert names == ("d", "a", "b", "c") and values.tolist() == [3.0, 1.0, 7.0, 5.0]
-    names, values = stacked_terms({"x": torch.tensor([4.0]), "y": torch.tensor(6.0)})  # a plain dict: stacked
-    assert names == ("x", "y") and values.tolist() == [4.0, 6.0]
+    terms = {**_by_name(["a", "b"], first), "c": torch.tensor(5.0), **_by_name(["d"], second)}
+    values = stacked_terms(terms)
+    assert values.tolist() == [1.0, 2.0, 5.0, 3.0]
+    terms = {**_by_name(["a", "b"], first), "c": torch.tensor(5.0)}
+    values = stacked_terms(terms)
+    assert values.tolist() == [1.0, 2.0, 5.0]
+    terms["a"] = torch.tensor(7.0)  # a replaced term: the rest of its vector enters term by term
+    assert stacked_terms(terms).tolist() == [7.0, 2.0, 5.0]
+    assert stacked_terms({"b": terms["b"], "x": torch.tensor([4.0])}).tolist() == [2.0, 4.0]
 
 
 @pytest.mark.parametrize("corruption", [False, True])
