@@ -426,12 +426,12 @@ class DmilReliability(nn.Module):
         logits = torch.stack([self.heads[m](head_input(i, m)).squeeze(-1) if m in pooled
                               else reference.new_zeros(reference.shape[0]) for i, m in enumerate(names)], 1).float()
         if corruption is None:  # no target: zeros that keep the heads in the graph (DDP wants every parameter)
-            terms = {f"reliability_{m}": logits[:, i].sum() * 0.0 for i, m in enumerate(names)}
+            terms = _by_name(_names("reliability_{}", names), logits.sum(0) * 0.0)
         else:
             terms = self._terms(logits, 1.0 - corruption, mask)
         if corruption is not None and self.training:
             self.calibrated.fill_(1.0)
-        reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), torch.ones_like(logits))
+        reliability = torch.where(self.calibrated > 0, logits.detach().sigmoid(), 1.0)
         return reliability * mask.to(reliability.dtype), terms, logits
 
     def _terms(self, logits, target, mask) -> dict:
@@ -561,12 +561,40 @@ def _names(template: str, names) -> list[str]:
 
 def _by_name(names: list, values) -> dict:
     """`{name: value}` for a `(len(names),)` tensor of loss terms: every term cut from one vector (one autograd node,
-    not one per term)."""
+    not one per term); [`stacked_terms`] reads the vector back whole."""
     return dict(zip(names, values.unbind(0)))
 
 
+def stacked_terms(terms: dict) -> torch.Tensor:
+    """The 0-d loss terms `terms` as one vector, in their order. Terms that `_by_name` cut from one vector and that still
+    stand in its order enter as that vector (no stack of the terms, and in the backward pass no unbind of the vector);
+    the others are stacked. Under `torch.compile` / `torch.export` every term is stacked (the graph fuses them)."""
+    values = [value if value.dim() == 0 else value.reshape(()) for value in terms.values()]
+    if torch.compiler.is_compiling():
+        return torch.stack(values)
+    parts, loose, i = [], [], 0
+    while i < len(values):
+        base = values[i]._base
+        size = base.shape[0] if base is not None and base.dim() == 1 else 0
+        if size and all(i + k < len(values) and values[i + k]._base is base
+                        and values[i + k].storage_offset() == base.storage_offset() + k * base.stride(0)
+                        for k in range(size)):
+            if loose:
+                parts.append(torch.stack(loose))
+                loose = []
+            parts.append(base)
+            i += size
+        else:
+            loose.append(values[i])
+            i += 1
+    if loose:
+        parts.append(torch.stack(loose))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _stack_modalities(values: list, mask) -> torch.Tensor:
-    """`(B, M, width)` from one `(B, width)` tensor per modality (None where absent), zero where `mask` is False."""
+    """`(B, M, width)` from one `(B, width)` tensor per modality (None where absent), zero where `mask` `(B, M)` is
+    False (a float `mask` weighs each modality of each sample)."""
     reference = next(v for v in values if v is not None)
     stacked = torch.stack([v if v is not None else reference.new_zeros(reference.shape) for v in values], 1)
     return stacked * mask.unsqueeze(-1).to(stacked.dtype)
@@ -1232,7 +1260,8 @@ class DmilModel(DmilPreTrainedModel):
     def synergy_inputs(self, pooled: dict, mask, reliability=None):
         """The synergy component's per-modality inputs `(B, M, hidden)` from the pooled tower outputs (`"towers"`):
         stage 1 (the warm-up) reads them detached; stage 3 scales the gradient they send into the towers by
-        `synergy_tower_gradient`; its own projections always train."""
+        `synergy_tower_gradient`; its own projections always train. `reliability` `(B, M)`, where given, weighs each
+        view and must be zero where `mask` is False (as [`DmilReliability`] returns it)."""
         config = self.config
         scale = {1: 0.0, 2: 1.0, 3: config.synergy_tower_gradient}[config.training_stage]
         views = []
@@ -1241,9 +1270,9 @@ class DmilModel(DmilPreTrainedModel):
                 views.append(None)
                 continue
             views.append(self.encoders.dropouts[m](self.synergy_projections[m](scale_gradient(pooled[m], scale))))
-        views = _stack_modalities(views, mask)
-        # An unreliable modality is read as a missing one (whose view is zero), smoothly.
-        return views if reliability is None else views * reliability.unsqueeze(-1).to(views.dtype)
+        # An unreliable modality is read as a missing one (whose view is zero), smoothly. The reliabilities are zero
+        # where the mask is (one product, not one by the mask and another by the reliabilities).
+        return _stack_modalities(views, mask if reliability is None else reliability)
 
     def level1_modules(self):
         return [self.encoders, self.relevant, self.irrelevant, self.reconstruct]
@@ -1396,10 +1425,11 @@ class DmilModel(DmilPreTrainedModel):
         # value (a host sync per step, and a data-dependent branch that torch.compile / torch.export cannot trace).
         weights = (mask if reliability is None else reliability).t().unsqueeze(-1).to(r_mean.dtype)
         precision = (-v_logvar).exp() * weights
-        poe_mean = (v_mean * precision).sum(0) / precision.sum(0).clamp(min=1e-6)
+        total_precision = precision.sum(0).clamp(min=1e-6)
+        poe_mean = (v_mean * precision).sum(0) / total_precision
         poe_sample = poe_mean
         if self.training:
-            poe_sample = poe_mean + torch.randn_like(poe_mean) * precision.sum(0).clamp(min=1e-6).rsqrt()
+            poe_sample = poe_mean + torch.randn_like(poe_mean) * total_precision.rsqrt()
         if reliability is None:
             redundant = torch.where(all_present.unsqueeze(-1), r_sample, poe_sample)
         else:
@@ -1599,11 +1629,10 @@ def evaluate_loss(expression, terms: dict, config):
     the terms stacked and multiplied by their `loss_coefficients` in one product. Terms the expression does not name
     stay out of it (a NaN among them does not reach the loss)."""
     coefficients = loss_coefficients(expression, config)
-    names = tuple(terms)
-    missing = coefficients.keys() - set(names)
+    missing = coefficients.keys() - terms.keys()
     if missing:
-        raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(names)}.")
-    values = torch.stack([terms[name] for name in names])
+        raise KeyError(f"the stage loss needs the loss terms {sorted(missing)}; got {sorted(terms)}.")
+    names, values = tuple(terms), stacked_terms(terms)
     loss_weights = _loss_weights if torch.compiler.is_compiling() else _cached_loss_weights
     index, weights = loss_weights(names, tuple(coefficients.items()), values.dtype, values.device)
     return values.index_select(0, index) @ weights

@@ -42,6 +42,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .configuration_dmil import CORRUPTION_INPUT
 from .methods import method_of
+from .modeling_dmil import stacked_terms
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,12 @@ class DmilTrainer(Trainer):
         terms = getattr(outputs, "loss_terms", None)
         if model.training and terms:
             names = tuple(terms)
+            with torch.no_grad():  # DMIL's terms are cut from a few vectors: read those, not each term
+                values = stacked_terms(terms).detach().float()
             if names != self._term_names:
                 self._flush_terms()
                 self._term_names = names
             with torch.no_grad():
-                values = torch.stack([value.reshape(()) for value in terms.values()]).float()
                 self._term_total = values if self._term_total is None else self._term_total + values
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss

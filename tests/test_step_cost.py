@@ -232,3 +232,55 @@ def test_run_measured_reports_the_command_s_own_peak_memory(tmp_path):
     failing = [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"]
     assert run_measured(failing, tmp_path / "failing.log")[0] == 3 and "broken" in (tmp_path / "failing.log").read_text()
     del held
+
+
+def _graph_nodes(tensor) -> set[str]:
+    """The names of every autograd node behind `tensor`."""
+    seen, names, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_loss_terms_enter_the_loss_as_the_vectors_they_were_cut_from():
+    from dmil_hf.modeling_dmil import _by_name, stacked_terms
+
+    first, second = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
+    terms = {**_by_name(["a", "b"], first), "c": torch.tensor(5.0), **_by_name(["d"], second)}
+    values = stacked_terms(terms)
+    assert values.tolist() == [1.0, 2.0, 5.0, 3.0]
+    terms = {**_by_name(["a", "b"], first), "c": torch.tensor(5.0)}
+    values = stacked_terms(terms)
+    assert values.tolist() == [1.0, 2.0, 5.0]
+    terms["a"] = torch.tensor(7.0)  # a replaced term: the rest of its vector enters term by term
+    assert stacked_terms(terms).tolist() == [7.0, 2.0, 5.0]
+    assert stacked_terms({"b": terms["b"], "x": torch.tensor([4.0])}).tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("corruption", [False, True])
+def test_stage_loss_reads_the_term_vectors_with_the_same_value_and_gradients(corruption):
+    """The stage loss from DMIL's term vectors equals the term-by-term stack exactly, gradients included, and its
+    backward pass has no unbind of the vectors into terms (nor a stack of those terms)."""
+    from dmil_hf import DmilForMultimodalClassification
+    from dmil_hf.modeling_dmil import STAGE_LOSSES, evaluate_loss
+
+    config = DmilConfig(feature_modalities={"a": 6, "b": 5}, num_labels=3, hidden_size=16, latent_size=8)
+    torch.manual_seed(0)
+    model = DmilForMultimodalClassification(config).set_training_stage(3).train()
+    inputs = {"a_features": torch.randn(8, 6), "b_features": torch.randn(8, 5), "labels": torch.arange(8) % 3}
+    if corruption:
+        inputs["modality_corruption"] = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.5], [0.0, 0.0]] * 2)
+    torch.manual_seed(1)
+    out = model(**inputs)
+    assert "UnbindBackward0" not in _graph_nodes(out.loss)
+    each = evaluate_loss(STAGE_LOSSES[3], dict(out.loss_terms), config)  # a plain dict: every term stacked
+    assert torch.equal(out.loss, each)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(out.loss, parameters, retain_graph=True, allow_unused=True),
+                         torch.autograd.grad(each, parameters, allow_unused=True), strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
