@@ -348,9 +348,9 @@ class DmilConfig(PretrainedConfig):
             vectors and towers that train. On `digits-pretrained` (3 seeds) 0.3 on the frozen text and audio towers
             raised three quarters of the audio noised from 65.1 to 67.7 on test (joint learning with the same
             corruption 67.7; validation 67.2 -> 69.6) for 0.5 points of clean validation accuracy (test 0.2;
-            BENCHMARKS.md "Round 12"); on `synthetic3`
-            0.3 on every feature vector cost 0.6 points clean and 1 synergy on validation and lifted no partly noised
-            set, hence the rule by tower kind. Configs saved before this field: 0 everywhere.
+            BENCHMARKS.md "Round 12"); on `synthetic3` 0.3 on every feature vector cost 0.6 points clean and 1
+            synergy on validation and lifted no partly noised set, hence the rule by tower kind. Configs saved before
+            this field: 0 everywhere.
         modality_dropout (`float`, *optional*): in training (DMIL: stages 2 and 3), the probability that a sample
             loses each modality (as if it were missing; at least one stays), so the missing-modality path is trained
             rather than only masked. `None` (default): the model type's default (`modality_dropout_probability`: 0.1

@@ -152,12 +152,11 @@ class DmilTrainer(Trainer):
         terms = getattr(outputs, "loss_terms", None)
         if model.training and terms:
             names = tuple(terms)
-            with torch.no_grad():  # DMIL's terms are cut from a few vectors: read those, not each term
-                values = stacked_terms(terms).detach().float()
             if names != self._term_names:
                 self._flush_terms()
                 self._term_names = names
-            with torch.no_grad():
+            with torch.no_grad():  # DMIL's terms are cut from a few vectors: read those, not each term
+                values = stacked_terms(terms).detach().float()
                 self._term_total = values if self._term_total is None else self._term_total + values
             self._term_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
