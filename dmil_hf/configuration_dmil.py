@@ -606,6 +606,12 @@ class DmilConfig(PretrainedConfig):
             return self.modalities if value else ()
         return tuple(m for m in self.modalities if m in value)
 
+    @property
+    def frozen_tower_modalities(self) -> tuple[str, ...]:
+        """The frozen modalities that have a tower (a feature vector marked frozen has none): those the frozen towers'
+        defaults (`frozen_tower_dropout`, `partial_corruption_weight`) act on."""
+        return tuple(m for m in self.frozen_modalities if self.tower_config(m) is not None)
+
     def _modalities_message(self) -> str:
         return (
             f"DMIL needs at least two modalities; got {list(self.modalities) or 'none'}. Give two or more of "
@@ -694,7 +700,7 @@ class DmilConfig(PretrainedConfig):
     def dropout_probabilities(self) -> dict[str, float]:
         """The dropout on each modality's projected embedding: `frozen_tower_dropout_probability` for the frozen
         towers, `dropout` for the others."""
-        frozen = {m for m in self.frozen_modalities if self.tower_config(m) is not None}
+        frozen = self.frozen_tower_modalities
         return {m: self.frozen_tower_dropout_probability if m in frozen else self.dropout for m in self.modalities}
 
     def partial_corruption_weights(self) -> dict[str, float]:
@@ -703,7 +709,7 @@ class DmilConfig(PretrainedConfig):
         towers (0.3 for DMIL) and 0 for the other modalities."""
         if self.partial_corruption_weight is not None:
             return {m: self.partial_corruption_weight for m in self.modalities}
-        frozen = {m for m in self.frozen_modalities if self.tower_config(m) is not None}
+        frozen = self.frozen_tower_modalities
         weight = DEFAULT_FROZEN_TOWER_PARTIAL_WEIGHT.get(self.model_type, 0.0)
         return {m: weight if m in frozen else 0.0 for m in self.modalities}
 
